@@ -1,0 +1,57 @@
+"""Analysis before rewriting: the model's inputs and the concrete output shape of every node at the
+report's input shapes (for MAC totals). Best effort: a model shape inference cannot follow still
+gets optimized, its layers just report MACs per output position only."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import shape_inference
+
+from .runtime import InputSpec, resolve_shapes
+
+_PROTO_LIMIT = 2**31 - 1
+
+
+def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    from onnx import helper
+
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        specs.append(InputSpec(value.name, helper.tensor_dtype_to_np_dtype(tensor.elem_type), dims))
+    return specs
+
+
+def infer_output_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], batch: int
+                        ) -> tuple[dict[str, list[int]], list[str]]:
+    """Node output name -> concrete shape, and the notes on dynamic dims that were filled in."""
+    try:
+        concrete, notes = resolve_shapes(graph_input_specs(model), shapes, batch)
+    except (ValueError, KeyError):
+        return {}, []
+    if model.ByteSize() >= _PROTO_LIMIT:
+        return {}, notes
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for value in probe.graph.input:
+        if value.name in concrete:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, concrete[value.name]):
+                dim.Clear()
+                dim.dim_value = size
+    try:
+        inferred = shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
+    except Exception:   # unknown custom ops and malformed shapes: shape inference is best effort
+        return {}, notes
+    result = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            result[value.name] = [d.dim_value for d in dims]
+    return result, notes

@@ -1,0 +1,1 @@
+"""Pure numpy numerics: decompositions and rank rules, tested on arrays alone."""

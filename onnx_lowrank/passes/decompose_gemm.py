@@ -1,0 +1,74 @@
+"""Gemm with a constant B -> a first factor then a Gemm that keeps alpha, beta and C.
+
+    Y = alpha A' B' + beta C,  B' = B^T if transB else B  [K, N],  B' ~= U V,  U [K, r], V [r, N]
+    T = A' U                   MatMul(A, U), or Gemm(A, U, transA=1) when A is transposed
+    Y = alpha T V + beta C     Gemm(T, V, C) with the original alpha, beta
+
+Each factor is stored in the layout the original used (transB=1 stays transB=1), so exporters'
+conventions and the runtime's preferred layouts survive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_graphsurgeon as gs
+
+from ._matrix import factorize_matrix, shared_constants
+from .base import LayerRecord, PassContext, PassResult, constant_weight, layer_name, new_name, output_positions, walk_graphs
+
+NAME = "decompose_gemm"
+
+
+def decompose_gemm(graph: gs.Graph, context: PassContext) -> PassResult:
+    records = []
+    for g in walk_graphs(graph):
+        for node in list(g.nodes):
+            record = _rewrite(g, node, context)
+            if record is not None:
+                records.append(record)
+    return PassResult(any(r.decomposed for r in records), records)
+
+
+def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:
+    if node.op != "Gemm" or len(node.inputs) < 2:
+        return None
+    weight = constant_weight(node, 1, 2)
+    if weight is None or constant_weight(node, 0) is not None:
+        return None
+    name = layer_name(node)
+    context.on_layer(name)
+    trans_a = int(node.attrs.get("transA", 0))
+    trans_b = int(node.attrs.get("transB", 0))
+    record = LayerRecord(name=name, op="Gemm", pass_name=NAME, weight_shape=list(weight.shape), status="skipped",
+                         params_before=math.prod(weight.shape),
+                         positions=output_positions(context, node, -1))
+    if not context.options.selects(name):
+        record.reason = "excluded by --include/--exclude"
+        return record
+    w = weight.values.T if trans_b else weight.values   # [K, N] as applied
+    factors = factorize_matrix(context, weight, w, record)
+    if factors is None:
+        return record
+    u, v = factors.first, factors.second
+    rank = record.rank[0]
+    consts = shared_constants(context, weight, ("gemm", trans_b, rank),
+                              {"u": u.T if trans_b else u, "v": v.T if trans_b else v})
+    a, y = node.inputs[0], node.outputs[0]
+    hidden = gs.Variable(new_name(context, f"{name}_lowrank_hidden"), dtype=y.dtype)
+    first_name = new_name(context, f"{name}_lowrank_u")
+    if trans_a:
+        first = gs.Node("Gemm", first_name, attrs={"transA": 1, "transB": trans_b},
+                        inputs=[a, consts["u"]], outputs=[hidden])
+    elif trans_b:
+        first = gs.Node("Gemm", first_name, attrs={"transB": 1}, inputs=[a, consts["u"]], outputs=[hidden])
+    else:
+        first = gs.Node("MatMul", first_name, inputs=[a, consts["u"]], outputs=[hidden])
+    attrs = {key: value for key, value in node.attrs.items() if key in ("alpha", "beta")}
+    attrs["transB"] = trans_b
+    second = gs.Node("Gemm", new_name(context, f"{name}_lowrank_v"), attrs=attrs,
+                     inputs=[hidden, consts["v"], *node.inputs[2:]], outputs=[y])
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.nodes.extend([first, second])
+    return record

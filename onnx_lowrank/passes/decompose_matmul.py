@@ -1,0 +1,64 @@
+"""MatMul with a constant 2-D weight -> two MatMuls through the rank-r bottleneck.
+
+    y = x W   (W [K, N])  ->  y = (x A) B,   A [K, r], B [r, N]
+    y = W x   (W [M, K])  ->  y = A (B x),   A [M, r], B [r, K]
+
+x may carry any batch axes: MatMul broadcasts them through both factors alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_graphsurgeon as gs
+
+from ._matrix import factorize_matrix, shared_constants
+from .base import LayerRecord, PassContext, PassResult, constant_weight, layer_name, new_name, output_positions, walk_graphs
+
+NAME = "decompose_matmul"
+
+
+def decompose_matmul(graph: gs.Graph, context: PassContext) -> PassResult:
+    records = []
+    for g in walk_graphs(graph):
+        for node in list(g.nodes):
+            record = _rewrite(g, node, context)
+            if record is not None:
+                records.append(record)
+    return PassResult(any(r.decomposed for r in records), records)
+
+
+def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:
+    if node.op != "MatMul" or len(node.inputs) != 2:
+        return None
+    left, right = constant_weight(node, 0, 2), constant_weight(node, 1, 2)
+    if (left is None) == (right is None):
+        return None  # activations on both sides (attention), or constants on both (constant folding's job)
+    weight_first = left is not None
+    weight = left if weight_first else right
+    name = layer_name(node)
+    context.on_layer(name)
+    record = LayerRecord(name=name, op="MatMul", pass_name=NAME, weight_shape=list(weight.shape), status="skipped",
+                         params_before=math.prod(weight.shape),
+                         positions=output_positions(context, node, -2 if weight_first else -1))
+    if not context.options.selects(name):
+        record.reason = "excluded by --include/--exclude"
+        return record
+    w = weight.values
+    factors = factorize_matrix(context, weight, w, record)
+    if factors is None:
+        return record
+    rank = record.rank[0]
+    consts = shared_constants(context, weight, ("matmul", rank), {"a": factors.first, "b": factors.second})
+    x, y = node.inputs[int(weight_first)], node.outputs[0]
+    hidden = gs.Variable(new_name(context, f"{name}_lowrank_hidden"), dtype=y.dtype)
+    if weight_first:   # y = A (B x)
+        first = gs.Node("MatMul", new_name(context, f"{name}_lowrank_b"), inputs=[consts["b"], x], outputs=[hidden])
+        second = gs.Node("MatMul", new_name(context, f"{name}_lowrank_a"), inputs=[consts["a"], hidden], outputs=[y])
+    else:              # y = (x A) B
+        first = gs.Node("MatMul", new_name(context, f"{name}_lowrank_a"), inputs=[x, consts["a"]], outputs=[hidden])
+        second = gs.Node("MatMul", new_name(context, f"{name}_lowrank_b"), inputs=[hidden, consts["b"]], outputs=[y])
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.nodes.extend([first, second])
+    return record

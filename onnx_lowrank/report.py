@@ -1,0 +1,125 @@
+"""The report is data first: dataclasses that serialize to JSON. Tables and plots are views of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class LayerRecord:
+    """What a pass did, or declined to do, to one weight-carrying node."""
+
+    name: str
+    op: str
+    pass_name: str
+    weight_shape: list[int]
+    status: str                      # "decomposed" or "skipped"
+    reason: str = ""                 # why it was skipped, or a note on what was done
+    method: str | None = None        # "svd", "tucker2"
+    rank: list[int] | None = None    # [r] for SVD, [r_out, r_in] for Tucker-2
+    break_even_rank: float | None = None
+    max_rank: int | None = None      # largest rank that still meets --min-flop-reduction
+    weight_error: float | None = None  # relative Frobenius error of the weight
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None   # per output position (row of a MatMul, pixel of a Conv)
+    macs_after: int | None = None
+    positions: int | None = None     # output positions per inference at the report's shapes
+
+    @property
+    def decomposed(self) -> bool:
+        return self.status == "decomposed"
+
+    def total_macs(self, after: bool) -> int | None:
+        per = self.macs_after if after and self.decomposed else self.macs_before
+        if per is None or self.positions is None:
+            return None
+        return per * self.positions
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    records: list[LayerRecord] = field(default_factory=list)
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    shape: list[int]
+    max_abs_error: float
+    max_rel_error: float
+    rel_l2_error: float       # ||y - y0|| / ||y0||
+    cosine: float
+    passed: bool
+    top1_agreement: float | None = None
+    shape_ok: bool = True
+
+
+@dataclass
+class ParityResult:
+    provider: str
+    criterion: str            # e.g. "rel_l2 <= 2.0e-03 (2 x sum of layer weight errors)"
+    passed: bool
+    outputs: list[OutputComparison]
+    samples: int
+    input_shapes: dict[str, list[int]]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    input: str
+    layers: list[LayerRecord] = field(default_factory=list)
+    passes: dict[str, int] = field(default_factory=dict)   # pass name -> layers it changed
+    params_before: int = 0         # all initializer elements of the model
+    params_after: int = 0
+    size_before: int = 0           # serialized bytes
+    size_after: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    parity: ParityResult | None = None
+    bench: dict[str, Any] | None = None
+
+    @property
+    def decomposed(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.decomposed]
+
+    @property
+    def changed(self) -> bool:
+        return any(self.passes.values())
+
+    def totals(self) -> dict[str, Any]:
+        done = self.decomposed
+        macs = [(r.total_macs(False), r.total_macs(True)) for r in self.layers]
+        known = bool(macs) and all(b is not None for b, _ in macs)
+        return {
+            "candidates": len(self.layers),
+            "decomposed": len(done),
+            "skipped": len(self.layers) - len(done),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "size_before": self.size_before,
+            "size_after": self.size_after,
+            "layer_macs_before": sum(b for b, _ in macs) if known else None,
+            "layer_macs_after": sum(a for _, a in macs) if known else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["totals"] = self.totals()
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
