@@ -15,7 +15,7 @@ from .graph import count_parameters, export_graph, import_graph
 from .io import load_model
 from .options import Options
 from .parity import check_parity
-from .passes import DECOMPOSE_PASSES, PassContext
+from .passes import PIPELINE, PassContext, pipeline
 from .report import Report
 
 #: What onnx.checker raises: a ValidationError, or shape inference's own error under full_check.
@@ -33,6 +33,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
     optimize("in.onnx", tolerance=1e-2, rank_multiple=16, ops="matmul,gemm").
     """
     options = _options(options, kwargs)
+    unknown = sorted(set(options.skip) - {entry.name for entry in PIPELINE})
+    if unknown:
+        raise OptionError(f"--skip: unknown pass {', '.join(unknown)}; passes: {', '.join(e.name for e in PIPELINE)}")
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     original = model if isinstance(model, onnx.ModelProto) else load_model(model)
     report = Report(input=source, options=options.to_dict())
@@ -41,11 +44,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
     graph = import_graph(original)
     context = PassContext(options, output_shapes, on_layer=on_layer or (lambda name: None),
                           names={t for t in graph.tensors()} | {n.name for n in graph.nodes})
-    for op in options.ops:
-        pass_name, run_pass = DECOMPOSE_PASSES[op]
-        result = run_pass(graph, context)
+    for entry in pipeline(options):
+        result = entry.run(graph, context)
         report.layers.extend(result.records)
-        report.passes[pass_name] = sum(r.decomposed for r in result.records)
+        report.passes[entry.name] = sum(r.status != "skipped" for r in result.records)
 
     if report.changed:
         optimized = export_graph(graph, original)

@@ -26,6 +26,7 @@ class Options:
     ops: tuple[str, ...] = OPS
     include: str | None = None
     exclude: str | None = None
+    skip: tuple[str, ...] = ()           # pass names (onnx_lowrank.passes.PIPELINE) not to run
     # proof
     validate: bool = True
     max_error: float | None = None       # relative L2 output error; default implied by the rank rule
@@ -36,6 +37,7 @@ class Options:
 
     def __post_init__(self) -> None:
         self.ops = normalize_ops(self.ops)
+        self.skip = tuple(self.skip.split(",")) if isinstance(self.skip, str) else tuple(self.skip)
         chosen = [n for n in ("rank", "rank_ratio", "energy") if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise OptionError(f"choose one rank rule, got {' and '.join('--' + n.replace('_', '-') for n in chosen)}")
@@ -78,6 +80,7 @@ class Options:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["ops"] = list(self.ops)
+        data["skip"] = list(self.skip)
         return data
 
 

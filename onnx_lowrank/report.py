@@ -16,7 +16,7 @@ class LayerRecord:
     op: str
     pass_name: str
     weight_shape: list[int]
-    status: str                      # "decomposed" or "skipped"
+    status: str                      # "skipped", or what the pass did: "decomposed", "folded", "merged", ...
     reason: str = ""                 # why it was skipped, or a note on what was done
     method: str | None = None        # "svd", "tucker2"
     rank: list[int] | None = None    # [r] for SVD, [r_out, r_in] for Tucker-2

@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     sel.add_argument("--ops", default="matmul,gemm,conv", help="comma-separated subset of matmul,gemm,conv")
     sel.add_argument("--include", metavar="REGEX", help="only nodes whose name matches")
     sel.add_argument("--exclude", metavar="REGEX", help="skip nodes whose name matches")
+    sel.add_argument("--skip", default="", metavar="PASS[,PASS]", help="passes not to run (names as in the report)")
     chk = p.add_argument_group("proof")
     chk.add_argument("--no-validate", dest="validate", action="store_false",
                      help="skip the parity check in ONNX Runtime")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or Path(args.input).name.removesuffix(".onnx") + ".lowrank.onnx"
     options = Options(tolerance=args.tolerance, rank=args.rank, rank_ratio=args.rank_ratio, energy=args.energy,
                       rank_multiple=args.rank_multiple, min_flop_reduction=args.min_flop_reduction,
-                      ops=args.ops, include=args.include, exclude=args.exclude, validate=args.validate,
+                      ops=args.ops, include=args.include, exclude=args.exclude, skip=[s for s in args.skip.split(',') if s], validate=args.validate,
                       max_error=args.max_error, shape=parse_shapes(args.shape), batch=args.batch, seed=args.seed)
     if args.report:
         check_output_path(args.report, None, force=True)

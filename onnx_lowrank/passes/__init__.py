@@ -1,26 +1,46 @@
-"""Graph passes, in pipeline order. Each is `pass(graph, context) -> PassResult`.
+"""Graph passes and the pipeline that orders them. Each pass is `pass(graph, context) -> PassResult`.
 
-The registry is keyed by name, so choosing or skipping passes is a lookup, not a code change.
+The registry is keyed by name, so choosing or skipping passes (`--skip NAME`) is a lookup, not a code
+change. Stages run in the order of the data flow: normalize -> decompose -> merge -> (clean up, check).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import onnx_graphsurgeon as gs
 
+from ..options import Options
 from .base import PassContext, PassResult
 from .decompose_conv import decompose_conv
 from .decompose_gemm import decompose_gemm
 from .decompose_matmul import decompose_matmul
 
 Pass = Callable[[gs.Graph, PassContext], PassResult]
+STAGES = ("normalize", "decompose", "merge")
 
-# option name in Options.ops -> the pass that rewrites that op
-DECOMPOSE_PASSES: dict[str, tuple[str, Pass]] = {
-    "matmul": ("decompose_matmul", decompose_matmul),
-    "gemm": ("decompose_gemm", decompose_gemm),
-    "conv": ("decompose_conv", decompose_conv),
-}
 
-__all__ = ["DECOMPOSE_PASSES", "Pass", "PassContext", "PassResult"]
+@dataclass(frozen=True)
+class PassEntry:
+    name: str
+    run: Pass
+    stage: str
+    enabled: Callable[[Options], bool] = lambda options: True
+
+
+PIPELINE: list[PassEntry] = [
+    PassEntry("decompose_matmul", decompose_matmul, "decompose", lambda o: "matmul" in o.ops),
+    PassEntry("decompose_gemm", decompose_gemm, "decompose", lambda o: "gemm" in o.ops),
+    PassEntry("decompose_conv", decompose_conv, "decompose", lambda o: "conv" in o.ops),
+]
+
+
+def pipeline(options: Options) -> list[PassEntry]:
+    """The passes to run for these options, in stage order."""
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    entries = sorted(PIPELINE, key=lambda e: order[e.stage])   # stable: registry order within a stage
+    return [e for e in entries if e.enabled(options) and e.name not in options.skip]
+
+
+__all__ = ["PIPELINE", "PassEntry", "Pass", "PassContext", "PassResult", "pipeline"]
