@@ -4,6 +4,7 @@ OutputError, and outputs are written atomically so a failure never leaves a half
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,11 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    return load_model_with_info(path)[0]
+
+
+def load_model_with_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """The model, and whether its weights were stored as external data (so the output can be too)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"input model '{path}' does not exist")
@@ -35,17 +41,17 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"input model '{path}' is not an ONNX model ({_first_line(exc) or 'protobuf parse failed'})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelLoadError(f"input model '{path}' is not an ONNX model (no graph)")
-    _load_external_data(model, path)
-    return model
+    return model, _load_external_data(model, path)
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+def _load_external_data(model: onnx.ModelProto, path: Path) -> bool:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     base = path.parent
-    for tensor in _get_all_tensors(model):
-        if not uses_external_data(tensor):
-            continue
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    if not external:
+        return False
+    for tensor in external:
         location = next((e.value for e in tensor.external_data if e.key == "location"), None)
         if location is None or not (base / location).is_file():
             raise ModelLoadError(f"external data file '{location}' for tensor '{tensor.name}' "
@@ -54,6 +60,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         onnx.load_external_data_for_model(model, str(base))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"cannot read external data of '{path}': {_first_line(exc)}") from None
+    return True
 
 
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None, force: bool) -> Path:
@@ -71,21 +78,59 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     return output
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically: serialize into a temporary file beside the target, then rename over it."""
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+    """Write atomically: into a temporary folder beside the target, then rename over it.
+
+    external_data None chooses: weights go to `<name>.data` beside the model when the model would
+    not fit the 2 GB protobuf limit (saving that way moves the tensors' bytes out of `model`).
+    Returns the files written. The data file is renamed into place
+    before the model, so a reader never sees a model whose data is missing.
+    """
     path = Path(path)
-    data = model.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    parent = path.parent if str(path.parent) else Path(".")
+    if external_data is None:
+        external_data = model.ByteSize() >= PROTOBUF_LIMIT
+    data_name = f"{path.name}.data"
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        if external_data:
+            _mark_external(model, data_name)
+            onnx.save_model(model, str(tmpdir / path.name))
+        else:
+            try:
+                data = model.SerializeToString()
+            except ValueError:   # protobuf refuses messages over 2 GB
+                raise OutputError(f"the model is {model.ByteSize() / 2**30:.1f} GB, over the 2 GB protobuf "
+                                  "limit of a single .onnx file; use --external-data") from None
+            (tmpdir / path.name).write_bytes(data)
+        written = []
+        mode = 0o666 & ~_umask()   # what a plain open() would have given; mkdtemp's files are 0600
+        for name in ([data_name] if (tmpdir / data_name).exists() else []) + [path.name]:
+            os.chmod(tmpdir / name, mode)
+            os.replace(tmpdir / name, parent / name)
+            written.append(parent / name)
+        return written
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write '{path}': {exc.strerror}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _mark_external(model: onnx.ModelProto, location: str, size_threshold: int = 1024) -> None:
+    """onnx.save_model(save_as_external_data=True) refuses when a file named `location` exists in the
+    *current directory* (it tests the relative path against the cwd, not the model's folder), so the
+    tensors are marked here and onnx.save_model writes them beside the model."""
+    from onnx.external_data_helper import _get_initializer_tensors, set_external_data
+
+    for tensor in _get_initializer_tensors(model):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
+            set_external_data(tensor, location)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _first_line(exc: BaseException) -> str:

@@ -8,11 +8,11 @@ from typing import Any, Callable
 
 import onnx
 
-from .analyze import infer_output_shapes
+from .analyze import infer_output_shapes, quantized_op_counts
 from .compare import Tolerance
 from .errors import OptionError
 from .graph import count_parameters, export_graph, import_graph
-from .io import load_model
+from .io import load_model_with_info
 from .options import Options
 from .parity import check_parity
 from .passes import PIPELINE, PassContext, pipeline
@@ -37,10 +37,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
     if unknown:
         raise OptionError(f"--skip: unknown pass {', '.join(unknown)}; passes: {', '.join(e.name for e in PIPELINE)}")
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
-    original = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    report = Report(input=source, options=options.to_dict())
+    original, external = (model, False) if isinstance(model, onnx.ModelProto) else load_model_with_info(model)
+    report = Report(input=source, options=options.to_dict(), input_external_data=external)
 
     output_shapes, shape_notes = infer_output_shapes(original, options.shape, options.batch)
+    quantized = quantized_op_counts(original)
+    if quantized:
+        report.notes.append("quantized ops left alone: " + ", ".join(f"{n} {op}" for op, n in quantized.items()))
     graph = import_graph(original)
     context = PassContext(options, output_shapes, on_layer=on_layer or (lambda name: None),
                           names={t for t in graph.tensors()} | {n.name for n in graph.nodes})

@@ -73,6 +73,7 @@ class ParityResult:
 @dataclass
 class Report:
     input: str
+    input_external_data: bool = False
     layers: list[LayerRecord] = field(default_factory=list)
     passes: dict[str, int] = field(default_factory=dict)   # pass name -> layers it changed
     params_before: int = 0         # all initializer elements of the model

@@ -40,11 +40,16 @@ def add_parser(sub) -> None:
     chk.add_argument("--max-error", type=float_arg, metavar="E",
                      help="parity passes if ||y - y0|| / ||y0|| <= E per output (default: implied by the rank rule)")
     chk.add_argument("--shape", action="append", metavar="NAME:D1,D2,...",
-                     help="input shape for the check (repeatable); dynamic dims default to batch 1, others 16")
-    chk.add_argument("--batch", type=int_arg, default=1, help="value for dynamic batch dims (default 1)")
+                     help="input shape for the check (repeatable); dynamic dims default to --batch, others 16")
+    chk.add_argument("--batch", type=int_arg, default=4, help="value for dynamic batch dims (default 4)")
     chk.add_argument("--seed", type=int_arg, default=0, help="seed of the generated inputs (default 0)")
     out = p.add_argument_group("output")
     out.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+    ext = out.add_mutually_exclusive_group()
+    ext.add_argument("--external-data", dest="external_data", action="store_true", default=None,
+                     help="store weights in OUTPUT.data beside the model (default: when the input did, or over 2 GB)")
+    ext.add_argument("--no-external-data", dest="external_data", action="store_false",
+                     help="store weights inside the .onnx file (fails over 2 GB)")
     out.add_argument("--force", action="store_true", help="overwrite the input file, or write a model that failed parity")
     out.add_argument("--quiet", "-q", action="store_true", help="print only errors and the one-line result")
     p.set_defaults(run=run)
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"onnx-lowrank: parity FAILED: {output_path} not written (loosen --max-error, or --force to write it anyway)",
               file=sys.stderr)
         return 1
-    save_model(model, output_path)
+    external = report.input_external_data if args.external_data is None else args.external_data
+    save_model(model, output_path, external_data=external)
     verdict = "" if report.parity is None else f", parity {'PASSED' if report.parity.passed else 'FAILED'}"
     print(f"wrote {output_path} ({human_bytes(report.size_before)} -> {human_bytes(report.size_after)}, "
           f"{len(report.decomposed)} of {len(report.layers)} layers decomposed{verdict})")

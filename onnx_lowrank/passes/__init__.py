@@ -16,6 +16,7 @@ from .base import PassContext, PassResult
 from .decompose_conv import decompose_conv
 from .decompose_gemm import decompose_gemm
 from .decompose_matmul import decompose_matmul
+from .fold_constant_weights import fold_constant_weights
 
 Pass = Callable[[gs.Graph, PassContext], PassResult]
 STAGES = ("normalize", "decompose", "merge")
@@ -30,6 +31,7 @@ class PassEntry:
 
 
 PIPELINE: list[PassEntry] = [
+    PassEntry("fold_constant_weights", fold_constant_weights, "normalize"),
     PassEntry("decompose_matmul", decompose_matmul, "decompose", lambda o: "matmul" in o.ops),
     PassEntry("decompose_gemm", decompose_gemm, "decompose", lambda o: "gemm" in o.ops),
     PassEntry("decompose_conv", decompose_conv, "decompose", lambda o: "conv" in o.ops),
