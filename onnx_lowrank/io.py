@@ -41,7 +41,54 @@ def load_model_with_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool
         raise ModelLoadError(f"input model '{path}' is not an ONNX model ({_first_line(exc) or 'protobuf parse failed'})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelLoadError(f"input model '{path}' is not an ONNX model (no graph)")
-    return model, _load_external_data(model, path)
+    external = _load_external_data(model, path)
+    check_input_model(model, str(path))
+    return model, external
+
+
+def check_input_model(model: onnx.ModelProto, name: str) -> None:
+    """onnx.checker's structural check (not full_check: models with custom-domain ops fail strict
+    shape inference and are still ours to optimize); a model it rejects is refused up front.
+    The checker needs the model serialized, which protobuf refuses past 2 GB: such models are
+    checked by ONNX Runtime's load in the parity step instead."""
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise ModelLoadError(f"input model '{name}' is not a valid ONNX model: {_first_line(exc)}") from None
+    problem = _tensor_size_problem(model)
+    if problem:
+        raise ModelLoadError(f"input model '{name}' is not a valid ONNX model: {problem}")
+
+
+_T = onnx.TensorProto
+#: where each element type keeps its values when not in raw_data
+_TYPED_FIELD = {_T.FLOAT: "float_data", _T.DOUBLE: "double_data", _T.INT64: "int64_data",
+                _T.UINT32: "uint64_data", _T.UINT64: "uint64_data",
+                **{t: "int32_data" for t in (_T.INT32, _T.INT16, _T.INT8, _T.UINT16, _T.UINT8, _T.BOOL,
+                                             _T.FLOAT16, _T.BFLOAT16)}}
+
+
+def _tensor_size_problem(model: onnx.ModelProto) -> str | None:
+    """A tensor whose data does not match its dims, which onnx.checker lets through and which would
+    otherwise fail deep inside numpy."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(model):
+        if tensor.data_type not in _TYPED_FIELD or tensor.data_location == _T.EXTERNAL:
+            continue
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        if tensor.HasField("raw_data"):
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            found = len(tensor.raw_data) / itemsize
+        else:
+            found = len(getattr(tensor, _TYPED_FIELD[tensor.data_type]))
+        if found != count:
+            return f"tensor '{tensor.name}' has {found:g} values for dims {list(tensor.dims)} ({count} expected)"
+    return None
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> bool:
@@ -91,7 +138,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if external_data is None:
         external_data = model.ByteSize() >= PROTOBUF_LIMIT
     data_name = f"{path.name}.data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from None
     try:
         if external_data:
             _mark_external(model, data_name)
