@@ -256,3 +256,143 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+# --------------------------------------------------------------------------- merge / fuse acceptance models
+#
+# Issue 5's acceptance cases: chains and branches of *random* (full-rank) weights with no
+# nonlinearity between them, so the merged weight is dense and stays one node. Biases and
+# BatchNormalization statistics are non-trivial, so a dropped bias or a wrong fold shows.
+
+
+def _dense(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    return (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
+
+
+def matmul_chain_model(k: int = 1024, hidden: int = 768, n: int = 1024, seed: int = 0) -> onnx.ModelProto:
+    """``y = (x W1 + b1) W2 + b2`` (MatMul + Add twice, no activation), ``x [batch, k]``."""
+    rng = np.random.default_rng(seed)
+    x, y = _x_y(["batch", k], ["batch", n])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1/MatMul"),
+        helper.make_node("Add", ["h0", "b1"], ["h"], name="fc1/Add"),
+        helper.make_node("MatMul", ["h", "W2"], ["y0"], name="fc2/MatMul"),
+        helper.make_node("Add", ["y0", "b2"], ["y"], name="fc2/Add"),
+    ]
+    inits = [numpy_helper.from_array(_dense(rng, k, hidden), "W1"), numpy_helper.from_array(_bias(rng, hidden), "b1"),
+             numpy_helper.from_array(_dense(rng, hidden, n), "W2"), numpy_helper.from_array(_bias(rng, n), "b2")]
+    graph = helper.make_graph(nodes, "matmul_chain", [x], [y], initializer=inits)
+    return _finish(graph, f"MatMul chain {k}->{hidden}->{n} with biases, seed {seed}")
+
+
+def gemm_chain_model(k: int = 768, hidden: int = 1536, n: int = 768, seed: int = 0) -> onnx.ModelProto:
+    """``Gemm(transB=1, bias) k->hidden`` then ``Gemm(transB=1, bias) hidden->n``, the nn.Linear layout."""
+    rng = np.random.default_rng(seed)
+    x, y = _x_y(["batch", k], ["batch", n])
+    nodes = [
+        helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], name="fc1/Gemm", transB=1),
+        helper.make_node("Gemm", ["h", "fc2.weight", "fc2.bias"], ["y"], name="fc2/Gemm", transB=1),
+    ]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(_dense(rng, k, hidden).T), "fc1.weight"),
+             numpy_helper.from_array(_bias(rng, hidden), "fc1.bias"),
+             numpy_helper.from_array(np.ascontiguousarray(_dense(rng, hidden, n).T), "fc2.weight"),
+             numpy_helper.from_array(_bias(rng, n), "fc2.bias")]
+    graph = helper.make_graph(nodes, "gemm_chain", [x], [y], initializer=inits)
+    return _finish(graph, f"Gemm chain {k}->{hidden}->{n}, transB=1, biases, seed {seed}")
+
+
+def lora_model(k: int = 1024, n: int = 1024, rank: int = 16, scale: float = 0.5, seed: int = 0) -> onnx.ModelProto:
+    """``y = (x W + b) + scale * ((x A) B)``: a dense base with a LoRA adapter, the scale as a Mul."""
+    rng = np.random.default_rng(seed)
+    x, y = _x_y(["batch", k], ["batch", n])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["base0"], name="base/MatMul"),
+        helper.make_node("Add", ["base0", "b"], ["base"], name="base/Add"),
+        helper.make_node("MatMul", ["x", "lora_A"], ["down"], name="lora/A"),
+        helper.make_node("MatMul", ["down", "lora_B"], ["up"], name="lora/B"),
+        helper.make_node("Mul", ["up", "scale"], ["delta"], name="lora/scale"),
+        helper.make_node("Add", ["base", "delta"], ["y"], name="lora/Add"),
+    ]
+    inits = [numpy_helper.from_array(_dense(rng, k, n), "W"), numpy_helper.from_array(_bias(rng, n), "b"),
+             numpy_helper.from_array(_dense(rng, k, rank), "lora_A"),
+             numpy_helper.from_array(_dense(rng, rank, n), "lora_B"),
+             numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale")]
+    graph = helper.make_graph(nodes, "lora", [x], [y], initializer=inits)
+    return _finish(graph, f"MatMul {k}x{n} + LoRA rank {rank} scale {scale}, seed {seed}")
+
+
+def _batchnorm_inits(rng: np.random.Generator, prefix: str, ch: int) -> list[onnx.TensorProto]:
+    stats = {"weight": 1.0 + 0.3 * rng.standard_normal(ch), "bias": 0.2 * rng.standard_normal(ch),
+             "running_mean": 0.5 * rng.standard_normal(ch), "running_var": rng.uniform(0.3, 2.0, ch)}
+    return [numpy_helper.from_array(v.astype(np.float32), f"{prefix}.{k}") for k, v in stats.items()]
+
+
+def conv_bn_relu_model(in_ch: int = 64, out_ch: int = 64, size: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """``Relu(BatchNormalization(Conv3x3(x)))``, the conv without a bias as exporters write it."""
+    rng = np.random.default_rng(seed)
+    x, y = _x_y(["batch", in_ch, size, size], ["batch", out_ch, size, size])
+    w = (rng.standard_normal((out_ch, in_ch, 3, 3)) / np.sqrt(in_ch * 9)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
+                         ["b"], name="bn", epsilon=1e-5),
+        helper.make_node("Relu", ["b"], ["y"], name="relu"),
+    ]
+    inits = [numpy_helper.from_array(w, "conv.weight"), *_batchnorm_inits(rng, "bn", out_ch)]
+    graph = helper.make_graph(nodes, "conv_bn_relu", [x], [y], initializer=inits)
+    return _finish(graph, f"Conv3x3 {in_ch}->{out_ch} + BatchNormalization + Relu, seed {seed}")
+
+
+def conv1x1_chain_model(ch: int = 256, hidden: int = 512, size: int = 14, seed: int = 0) -> onnx.ModelProto:
+    """``Conv1x1 ch->hidden (bias)`` then ``Conv1x1 hidden->ch (bias)``, no activation between."""
+    rng = np.random.default_rng(seed)
+    x, y = _x_y(["batch", ch, size, size], ["batch", ch, size, size])
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["h"], name="conv1", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["h", "conv2.weight", "conv2.bias"], ["y"], name="conv2", kernel_shape=[1, 1]),
+    ]
+    inits = [numpy_helper.from_array(_dense(rng, hidden, ch).reshape(hidden, ch, 1, 1), "conv1.weight"),
+             numpy_helper.from_array(_bias(rng, hidden), "conv1.bias"),
+             numpy_helper.from_array(_dense(rng, ch, hidden).reshape(ch, hidden, 1, 1), "conv2.weight"),
+             numpy_helper.from_array(_bias(rng, ch), "conv2.bias")]
+    graph = helper.make_graph(nodes, "conv1x1_chain", [x], [y], initializer=inits)
+    return _finish(graph, f"Conv1x1 chain {ch}->{hidden}->{ch} with biases, seed {seed}")
+
+
+def qkv_model(hidden: int = 768, rank: int = 64, noise: float = 1e-4, seed: int = 0) -> onnx.ModelProto:
+    """Three projections of one input, ``q, k, v = x Wq, x Wk, x Wv`` (``x [batch, seq, hidden]``),
+    each weight of rank ``rank`` (+noise): after decomposition, three first factors share x."""
+    rng = np.random.default_rng(seed)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", hidden])
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", hidden]) for n in "qkv"]
+    nodes = [helper.make_node("MatMul", ["x", f"W{n}"], [n], name=f"{n}_proj") for n in "qkv"]
+    inits = [numpy_helper.from_array((low_rank_matrix(rng, hidden, hidden, rank, noise) / np.sqrt(hidden))
+                                     .astype(np.float32), f"W{n}") for n in "qkv"]
+    graph = helper.make_graph(nodes, "qkv", [x], outputs, initializer=inits)
+    return _finish(graph, f"Q/K/V projections {hidden}x{hidden} of rank {rank}, noise {noise}, seed {seed}")
+
+
+def bottleneck_model(ch: int = 64, out_ch: int = 256, ranks: tuple[int, int] = (16, 16), size: int = 8,
+                     seed: int = 0) -> onnx.ModelProto:
+    """A ResNet bottleneck without its shortcut, BatchNorm already folded:
+    ``Conv1x1 ch->ch -> Relu -> Conv3x3 ch->ch (Tucker-2 ranks ``ranks``, exact) -> Relu -> Conv1x1 ch->out_ch``,
+    every conv with a bias."""
+    rng = np.random.default_rng(seed)
+    x, y = _x_y(["batch", ch, size, size], ["batch", out_ch, size, size])
+    w2 = low_rank_conv_weight(rng, ch, ch, 3, ranks, noise=0) / np.float32(np.sqrt(ch * 9))
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["h1"], name="conv1", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        helper.make_node("Conv", ["a1", "conv2.weight", "conv2.bias"], ["h2"], name="conv2", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h2"], ["a2"], name="relu2"),
+        helper.make_node("Conv", ["a2", "conv3.weight", "conv3.bias"], ["y"], name="conv3", kernel_shape=[1, 1]),
+    ]
+    inits = [numpy_helper.from_array(_dense(rng, ch, ch).reshape(ch, ch, 1, 1), "conv1.weight"),
+             numpy_helper.from_array(_bias(rng, ch), "conv1.bias"),
+             numpy_helper.from_array(w2.astype(np.float32), "conv2.weight"),
+             numpy_helper.from_array(_bias(rng, ch), "conv2.bias"),
+             numpy_helper.from_array(_dense(rng, ch, out_ch).T.reshape(out_ch, ch, 1, 1).copy(), "conv3.weight"),
+             numpy_helper.from_array(_bias(rng, out_ch), "conv3.bias")]
+    graph = helper.make_graph(nodes, "bottleneck", [x], [y], initializer=inits)
+    return _finish(graph, f"bottleneck {ch}->{ch}->{out_ch}, 3x3 Tucker ranks {tuple(ranks)}, seed {seed}")
