@@ -1,0 +1,44 @@
+"""A layer's geometry for latency measurement: its input shape at the report's shapes, its weight
+as applied, its conv attributes. None when the input shape is unknown: that layer is judged by the
+FLOP model alone."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from ..latency import LayerGeometry
+from .base import PassContext
+
+
+def input_shape(context: PassContext, tensor: gs.Tensor) -> tuple[int, ...] | None:
+    shape = context.output_shapes.get(tensor.name)
+    if shape is None and tensor.shape is not None:
+        shape = tensor.shape
+    if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
+        return None
+    return tuple(shape)
+
+
+def matmul_geometry(context: PassContext, x: gs.Tensor, k: int, n: int, weight_first: bool = False,
+                    transposed_input: bool = False) -> LayerGeometry | None:
+    """y = x W (W [k, n]), or y = W x (W [k, n] = [M, K]) when weight_first. A Gemm's transposed
+    A is measured as the plain product: the same kernel shape up to a transpose."""
+    shape = input_shape(context, x)
+    if shape is None:
+        return None
+    if transposed_input:
+        shape = shape[::-1]
+    return LayerGeometry("matmul", shape, (k, n), weight_first=weight_first)
+
+
+def conv_geometry(context: PassContext, node: gs.Node, weight_shape: tuple[int, ...]) -> LayerGeometry | None:
+    shape = input_shape(context, node.inputs[0])
+    if shape is None:
+        return None
+    nd = len(weight_shape) - 2
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    return LayerGeometry("conv", shape, tuple(weight_shape),
+                         strides=tuple(node.attrs.get("strides", [1] * nd)),
+                         pads=tuple(node.attrs.get("pads", [0] * 2 * nd)) if auto_pad in ("NOTSET", "VALID") else (),
+                         dilations=tuple(node.attrs.get("dilations", [1] * nd)),
+                         auto_pad=auto_pad if auto_pad != "VALID" else "NOTSET")
