@@ -7,9 +7,8 @@ from __future__ import annotations
 import onnx
 from onnx import shape_inference
 
+from .graph import structure_only
 from .runtime import InputSpec, resolve_shapes
-
-_PROTO_LIMIT = 2**31 - 1
 
 
 def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -28,15 +27,13 @@ def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 def infer_output_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], batch: int
                         ) -> tuple[dict[str, list[int]], list[str]]:
-    """Node output name -> concrete shape, and the notes on dynamic dims that were filled in."""
+    """Tensor name -> concrete shape (node outputs, and the graph inputs, so every node's input
+    shape is known too), and the notes on dynamic dims that were filled in."""
     try:
         concrete, notes = resolve_shapes(graph_input_specs(model), shapes, batch)
     except (ValueError, KeyError):
         return {}, []
-    if model.ByteSize() >= _PROTO_LIMIT:
-        return {}, notes
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = structure_only(model)
     for value in probe.graph.input:
         if value.name in concrete:
             dims = value.type.tensor_type.shape.dim
@@ -47,7 +44,7 @@ def infer_output_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], ba
         inferred = shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
     except Exception:   # unknown custom ops and malformed shapes: shape inference is best effort
         return {}, notes
-    result = {}
+    result = {name: list(shape) for name, shape in concrete.items()}
     for value in [*inferred.graph.value_info, *inferred.graph.output]:
         if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
             continue

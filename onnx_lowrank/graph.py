@@ -7,12 +7,35 @@ with only the graph changed, so the exported graph is put into a copy of the ori
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor
+
+
+#: external_data key naming the folder that holds a lazily read tensor's file. onnx's
+#: ExternalDataInfo knows it; ONNX Runtime does not, so for_runtime() removes it.
+BASEPATH = "basepath"
+
+
+class ExternalValues(gs.ir.tensor.LazyValues):
+    """gs's lazy values for a tensor whose bytes are still in its external file: read (and kept in
+    the tensor) only when a pass asks for them, from the folder its basepath entry names."""
+
+    def load(self):
+        base = external_base(self.tensor)
+        return np.array(numpy_helper.to_array(self.tensor, base_dir=base or ""))
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in g.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if type(values) is gs.ir.tensor.LazyValues and external_base(values.tensor) is not None:
+                values.__class__ = ExternalValues
+    return graph
 
 
 def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -20,20 +43,44 @@ def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     imports, producer, metadata, functions, ...). The graph is not copied a second time: a model of
     size S peaks at about 2 S here (the original and the export), not 3 S."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    _restore_lazy(graph, original)
     model = gs.export_onnx(graph, do_type_check=False)
     for descriptor in model.DESCRIPTOR.fields:
         if descriptor.name != "graph":
             model.ClearField(descriptor.name)
-    for descriptor, value in original.ListFields():
-        if descriptor.name == "graph":
+    copy_fields(original, model, but="graph")
+    return model
+
+
+def copy_fields(source, target, but: str) -> None:
+    """Every set field of protobuf message `source` into `target`, except the field named `but`."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == but:
             continue
         if _is_repeated(descriptor):
-            getattr(model, descriptor.name).extend(value)
+            getattr(target, descriptor.name).extend(value)
         elif descriptor.message_type is not None:
-            getattr(model, descriptor.name).CopyFrom(value)
+            getattr(target, descriptor.name).CopyFrom(value)
         else:
-            setattr(model, descriptor.name, value)
-    return model
+            setattr(target, descriptor.name, value)
+
+
+def _restore_lazy(graph: gs.Graph, original: onnx.ModelProto) -> None:
+    """gs keeps the values a pass read (to factorize, or to decide not to) in memory, and would
+    export them inline, marked external with no file. A weight still equal to its bytes on disk
+    goes back to being read from there; one a pass changed is exported inline."""
+    lazy = {t.name: t for t in _get_all_tensors(original) if external_base(t) is not None}
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in g.tensors().values():
+            if not isinstance(tensor, gs.Constant) or not isinstance(tensor._values, np.ndarray):
+                continue
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            source = lazy.get(tensor.name)
+            if source is not None and np.array_equal(tensor._values, ExternalValues(source).load()):
+                tensor._values = ExternalValues(source)
+            else:
+                tensor.data_location = None
 
 
 def _is_repeated(descriptor) -> bool:
@@ -45,8 +92,6 @@ def _is_repeated(descriptor) -> bool:
 
 def count_parameters(model: onnx.ModelProto) -> int:
     """Elements of all constant tensors: initializers and Constant nodes, subgraphs included."""
-    from onnx.external_data_helper import _get_all_tensors
-
     total = 0
     for tensor in _get_all_tensors(model):
         n = 1
@@ -54,3 +99,74 @@ def count_parameters(model: onnx.ModelProto) -> int:
             n *= d
         total += n
     return total
+
+
+def structure_only(model: onnx.ModelProto, threshold: int = 1024) -> onnx.ModelProto:
+    """A copy of the model whose large initializers are graph inputs of the same type and shape:
+    onnx.checker and shape inference see every name, type and shape, small constants (shape
+    tensors) keep their values for data propagation, and a multi-GB model costs kilobytes to check.
+    (Stubs pointing at external data would not do: the checker opens external files.)
+    """
+    light = onnx.ModelProto()
+    copy_fields(model, light, but="graph")
+    copy_fields(model.graph, light.graph, but="initializer")
+    inputs = {value.name for value in model.graph.input}   # IR < 4 lists initializers as inputs too
+    for tensor in model.graph.initializer:
+        if tensor_nbytes(tensor) < threshold and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return light
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes, without serializing: protobuf refuses even to measure a message
+    past 2 GB (ByteSize raises), which is exactly when the size matters."""
+    big = sum(n for n in map(tensor_nbytes, model.graph.initializer) if n >= 1024)
+    return structure_only(model).ByteSize() + big
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its size alone: reading `raw_data` from Python copies it,
+    which for a 1 GB weight is 1 GB more at the worst moment. Protobuf's own size of the message
+    (not serialized, so not copied) gives it within the few bytes of the header; an external
+    tensor's is its recorded length."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        entries = {e.key: e.value for e in tensor.external_data}
+        return int(entries.get("length", 0))
+    return tensor.ByteSize()
+
+
+def external_base(tensor: onnx.TensorProto) -> str | None:
+    """The folder of a tensor still in its external file (see io.load_model), else None."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((e.value for e in tensor.external_data if e.key == BASEPATH), None)
+
+
+def external_folder(model: onnx.ModelProto) -> str | None:
+    """The folder of the model's lazily read external data, if any of it is still unread."""
+    return next((b for b in map(external_base, _get_all_tensors(model)) if b is not None), None)
+
+
+def for_runtime(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as ONNX Runtime accepts it: the same, less our basepath entries (ORT refuses
+    unknown external-data keys); the folder goes to ORT as a session option instead."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in _get_all_tensors(copy):
+        kept = [(e.key, e.value) for e in tensor.external_data if e.key != BASEPATH]
+        if len(kept) != len(tensor.external_data):
+            del tensor.external_data[:]
+            for key, value in kept:
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    return copy
+
+
+def materialize(model: onnx.ModelProto) -> None:
+    """Read every lazily external tensor into the model (for code that needs all the bytes)."""
+    for tensor in _get_all_tensors(model):
+        base = external_base(tensor)
+        if base is not None:
+            load_external_data_for_tensor(tensor, base)

@@ -12,6 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError, OutputError
+from .graph import BASEPATH, copy_fields, external_base, model_size, structure_only, tensor_nbytes
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -49,12 +50,10 @@ def load_model_with_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool
 def check_input_model(model: onnx.ModelProto, name: str) -> None:
     """onnx.checker's structural check (not full_check: models with custom-domain ops fail strict
     shape inference and are still ours to optimize); a model it rejects is refused up front.
-    The checker needs the model serialized, which protobuf refuses past 2 GB: such models are
-    checked by ONNX Runtime's load in the parity step instead."""
-    if model.ByteSize() >= PROTOBUF_LIMIT:
-        return
+    The checker serializes what it checks (twice the model in memory, and refused past 2 GB), so it
+    checks the model's structure without its large weights."""
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(structure_only(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"input model '{name}' is not a valid ONNX model: {_first_line(exc)}") from None
     problem = _tensor_size_problem(model)
@@ -82,6 +81,8 @@ def _tensor_size_problem(model: onnx.ModelProto) -> str | None:
         for d in tensor.dims:
             count *= d
         if tensor.HasField("raw_data"):
+            if tensor_nbytes(tensor) > 2**26:
+                continue   # large weights come from exporters, not hand edits; reading them copies them
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
             found = len(tensor.raw_data) / itemsize
         else:
@@ -92,22 +93,38 @@ def _tensor_size_problem(model: onnx.ModelProto) -> str | None:
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> bool:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    """Check that every external tensor's bytes are there, and leave them there: each is read when
+    a pass needs it (graph.ExternalValues) and copied file to file on save, so a model of size S is
+    never held whole in memory twice. The tensors get a basepath entry naming their folder."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    base = path.parent
+    base = path.parent.resolve()
     external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
-    if not external:
-        return False
     for tensor in external:
-        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-        if location is None or not (base / location).is_file():
-            raise ModelLoadError(f"external data file '{location}' for tensor '{tensor.name}' "
+        info = ExternalDataInfo(tensor)
+        file = base / info.location if info.location else None
+        if file is None or os.path.isabs(info.location) or ".." in Path(info.location).parts:
+            raise ModelLoadError(f"tensor '{tensor.name}' of '{path}' names external data outside its folder: "
+                                 f"{info.location!r}")
+        if not file.is_file():
+            raise ModelLoadError(f"external data file '{info.location}' for tensor '{tensor.name}' "
                                  f"is missing (expected next to '{path}')")
-    try:
-        onnx.load_external_data_for_model(model, str(base))
-    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-        raise ModelLoadError(f"cannot read external data of '{path}': {_first_line(exc)}") from None
-    return True
+        length = info.length or (file.stat().st_size - (info.offset or 0))
+        if (info.offset or 0) + length > file.stat().st_size:
+            raise ModelLoadError(f"external data file '{info.location}' is shorter than tensor "
+                                 f"'{tensor.name}' needs (truncated?)")
+        _set_entry(tensor, "length", str(length))
+        _set_entry(tensor, BASEPATH, str(base))
+    return bool(external)
+
+
+def _set_entry(tensor: onnx.TensorProto, key: str, value: str) -> None:
+    for entry in tensor.external_data:
+        if entry.key == key:
+            entry.value = value
+            return
+    entry = tensor.external_data.add()
+    entry.key, entry.value = key, value
 
 
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None, force: bool) -> Path:
@@ -128,31 +145,30 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
     """Write atomically: into a temporary folder beside the target, then rename over it.
 
-    external_data None chooses: weights go to `<name>.data` beside the model when the model would
-    not fit the 2 GB protobuf limit (saving that way moves the tensors' bytes out of `model`).
-    Returns the files written. The data file is renamed into place
-    before the model, so a reader never sees a model whose data is missing.
+    external_data None chooses: weights go to `<name>.data` beside the model when the model still
+    reads weights lazily from its input's data file, or would not fit the 2 GB protobuf limit.
+    Weights are streamed file to file or memory to file, one at a time, and `model` is not changed.
+    Returns the files written. The data file is renamed into place before the model, so a reader
+    never sees a model whose data is missing.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if external_data is None:
-        external_data = model.ByteSize() >= PROTOBUF_LIMIT
+        external_data = model_size(model) >= PROTOBUF_LIMIT or any(
+            external_base(t) is not None for t in model.graph.initializer)
     data_name = f"{path.name}.data"
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     except OSError as exc:
         raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from None
     try:
-        if external_data:
-            _mark_external(model, data_name)
-            onnx.save_model(model, str(tmpdir / path.name))
-        else:
-            try:
-                data = model.SerializeToString()
-            except ValueError:   # protobuf refuses messages over 2 GB
-                raise OutputError(f"the model is {model.ByteSize() / 2**30:.1f} GB, over the 2 GB protobuf "
-                                  "limit of a single .onnx file; use --external-data") from None
-            (tmpdir / path.name).write_bytes(data)
+        shell = _write_tensors(model, tmpdir / data_name if external_data else None)
+        try:
+            data = shell.SerializeToString()
+        except ValueError:   # protobuf refuses messages over 2 GB
+            raise OutputError(f"the model is {model_size(model) / 2**30:.1f} GB, over the 2 GB protobuf "
+                              "limit of a single .onnx file; use --external-data") from None
+        (tmpdir / path.name).write_bytes(data)
         written = []
         mode = 0o666 & ~_umask()   # what a plain open() would have given; mkdtemp's files are 0600
         for name in ([data_name] if (tmpdir / data_name).exists() else []) + [path.name]:
@@ -166,15 +182,86 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _mark_external(model: onnx.ModelProto, location: str, size_threshold: int = 1024) -> None:
-    """onnx.save_model(save_as_external_data=True) refuses when a file named `location` exists in the
-    *current directory* (it tests the relative path against the cwd, not the model's folder), so the
-    tensors are marked here and onnx.save_model writes them beside the model."""
-    from onnx.external_data_helper import _get_initializer_tensors, set_external_data
+def _write_tensors(model: onnx.ModelProto, data_file: Path | None, threshold: int = 1024) -> onnx.ModelProto:
+    """The model to serialize: `model` less its large initializers, which go to `data_file` (or,
+    when None, inline) from wherever they are now, memory or the input's data file.
 
-    for tensor in _get_initializer_tensors(model):
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
-            set_external_data(tensor, location)
+    onnx.save_model(save_as_external_data=True) cannot serve here: it needs every tensor's bytes in
+    memory, moves them out of the caller's model, and refuses when a file named like the data file
+    exists in the current directory (it tests the relative path against the cwd).
+    """
+    from onnx.external_data_helper import _get_all_tensors
+
+    shell = onnx.ModelProto()
+    copy_fields(model, shell, but="graph")
+    copy_fields(model.graph, shell.graph, but="initializer")
+    moves = []
+    for tensor in model.graph.initializer:
+        lazy = external_base(tensor) is not None
+        if lazy or (data_file is not None and tensor.HasField("raw_data") and tensor_nbytes(tensor) >= threshold):
+            stub = shell.graph.initializer.add()
+            stub.name, stub.data_type, stub.doc_string = tensor.name, tensor.data_type, tensor.doc_string
+            stub.dims.extend(tensor.dims)
+            moves.append((stub, tensor))
+        else:
+            shell.graph.initializer.append(tensor)
+    # lazily external tensors elsewhere (subgraph initializers, attributes) were copied as they are
+    moves += [(t, t) for t in _get_all_tensors(shell) if external_base(t) is not None]
+    if data_file is None:
+        for target, source in moves:
+            data = _tensor_bytes(source)
+            _reset(target)
+            target.raw_data = data
+        return shell
+    with open(data_file, "wb") as out:
+        for target, source in moves:
+            offset = out.tell()
+            if external_base(source) is not None:
+                _copy_external(source, out)
+            else:
+                out.write(source.raw_data)
+            length = out.tell() - offset
+            _reset(target)
+            target.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_file.name), ("offset", str(offset)), ("length", str(length))):
+                entry = target.external_data.add()
+                entry.key, entry.value = key, value
+    return shell
+
+
+def _reset(tensor: onnx.TensorProto) -> None:
+    tensor.ClearField("raw_data")
+    tensor.ClearField("data_location")
+    del tensor.external_data[:]
+
+
+def _external_slice(tensor: onnx.TensorProto) -> tuple[Path, int, int]:
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(tensor)
+    return Path(external_base(tensor)) / info.location, info.offset or 0, info.length
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    if external_base(tensor) is None:
+        return tensor.raw_data
+    file, offset, length = _external_slice(tensor)
+    with open(file, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def _copy_external(tensor: onnx.TensorProto, out, chunk: int = 1 << 24) -> None:
+    """File to file in 16 MB pieces: a multi-GB weight never passes through memory whole."""
+    file, offset, length = _external_slice(tensor)
+    with open(file, "rb") as f:
+        f.seek(offset)
+        while length > 0:
+            piece = f.read(min(chunk, length))
+            if not piece:
+                raise OutputError(f"external data of tensor '{tensor.name}' ended early in '{file}'")
+            out.write(piece)
+            length -= len(piece)
 
 
 def _umask() -> int:
