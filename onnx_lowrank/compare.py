@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
+from .errors import OptionError
 from .report import OutputComparison
 
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Either a bound on ||y - y0|| / ||y0|| (max_error), or numpy.allclose-style atol/rtol."""
+    """Either a bound on ||y - y0|| / ||y0|| (max_error), or numpy.allclose-style atol/rtol
+    (|y - y0| <= atol + rtol |y0| elementwise)."""
 
     max_error: float | None = 1e-3
     atol: float | None = None
@@ -23,10 +26,42 @@ class Tolerance:
         return f"|y - y0| <= {self.atol or 0:.1e} + {self.rtol or 0:.1e} |y0|"
 
 
+def tolerances(max_error: Mapping[str | None, float] | None = None, atol: Mapping[str | None, float] | None = None,
+               rtol: Mapping[str | None, float] | None = None, default_max_error: float = 1e-3
+               ) -> tuple[Tolerance, dict[str, Tolerance]]:
+    """The default tolerance and the per-output ones from {output name or None: value} maps, as the
+    CLI's repeatable `--max-error [NAME:]E`, `--atol [NAME:]A`, `--rtol [NAME:]R` give them.
+
+    An output (or the default, key None) is judged by atol/rtol if either is given for it, else by
+    max_error; giving both kinds for the same output is an error, not a silent choice."""
+    max_error, atol, rtol = dict(max_error or {}), dict(atol or {}), dict(rtol or {})
+    for key in max_error.keys() & (atol.keys() | rtol.keys()):
+        where = f" for output '{key}'" if key is not None else ""
+        raise OptionError(f"--max-error and --atol/--rtol are alternatives{where}: give one kind")
+    for flag, values in (("--max-error", max_error), ("--atol", atol), ("--rtol", rtol)):
+        for key, value in values.items():
+            if not value >= 0:
+                raise OptionError(f"{flag} must be >= 0, got {value}")
+
+    def tolerance_for(key: str | None, base: Tolerance | None) -> Tolerance:
+        if key in atol or key in rtol:
+            inherit = base if base is not None and base.max_error is None else Tolerance(None, 0.0, 0.0)
+            return Tolerance(None, atol.get(key, inherit.atol), rtol.get(key, inherit.rtol))
+        if key in max_error:
+            return Tolerance(max_error[key])
+        return base if base is not None else Tolerance(default_max_error)
+
+    default = tolerance_for(None, None)
+    names = (max_error.keys() | atol.keys() | rtol.keys()) - {None}
+    return default, {name: tolerance_for(name, default) for name in sorted(names)}
+
+
 def compare_output(name: str, reference: np.ndarray, actual: np.ndarray, tolerance: Tolerance) -> OutputComparison:
+    criterion = tolerance.describe()
     if reference.shape != actual.shape:
         return OutputComparison(name, list(actual.shape), float("inf"), float("inf"), float("inf"), 0.0,
-                                passed=False, shape_ok=False)
+                                passed=False, shape_ok=False, criterion=criterion, bound=tolerance.max_error,
+                                reference_shape=list(reference.shape))
     y0 = np.asarray(reference, dtype=np.float64)
     y = np.asarray(actual, dtype=np.float64)
     diff = np.abs(y - y0)
@@ -38,13 +73,17 @@ def compare_output(name: str, reference: np.ndarray, actual: np.ndarray, toleran
     rel_l2 = float(np.linalg.norm(y - y0) / norm0) if norm0 else (0.0 if max_abs == 0 else float("inf"))
     norm = float(np.linalg.norm(y))
     cosine = float(np.vdot(y0.ravel(), y.ravel()) / (norm0 * norm)) if norm0 and norm else float(norm0 == norm)
+    mismatched = None
     if tolerance.max_error is not None:
         passed = rel_l2 <= tolerance.max_error
     else:
-        passed = bool(np.all(diff <= (tolerance.atol or 0.0) + (tolerance.rtol or 0.0) * np.abs(y0)))
+        outside = ~(diff <= (tolerance.atol or 0.0) + (tolerance.rtol or 0.0) * np.abs(y0))
+        mismatched = int(np.count_nonzero(outside))
+        passed = mismatched == 0
+    # a NaN or inf where the reference has a finite value (or the other way) never passes
     passed = passed and bool(np.all(np.isfinite(y) == np.isfinite(y0)))
     top1 = None
-    if y0.ndim >= 2 and y0.shape[-1] > 1 and reference.dtype.kind == "f":
+    if y0.ndim >= 2 and y0.shape[-1] > 1 and reference.dtype.kind in "fV":
         top1 = float(np.mean(np.argmax(y0, axis=-1) == np.argmax(y, axis=-1)))
-    return OutputComparison(name, list(actual.shape), max_abs, max_rel, rel_l2, cosine, passed, top1)
-
+    return OutputComparison(name, list(actual.shape), max_abs, max_rel, rel_l2, cosine, passed, top1,
+                            criterion=criterion, bound=tolerance.max_error, mismatched=mismatched)

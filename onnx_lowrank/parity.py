@@ -1,46 +1,87 @@
 """Parity: run the reference and the candidate model in ONNX Runtime on the same inputs and compare.
 
 Graph optimizations are off for both (ORT_DISABLE_ALL), so the comparison measures our rewrite and
-not the runtime's fusions.
+not the runtime's fusions. `optimize`'s check and `onnx-lowrank validate` are this one function.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import replace
+from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
 
 from . import runtime
 from .compare import Tolerance, compare_output
+from .errors import InferenceError, OptionError
 from .report import OutputComparison, ParityResult
+
+TRT_FP16_NOTE = ("TensorRT fp16: both models run in half precision, which alone moves outputs by ~1e-3 "
+                 "relative (more through deep stacks) before any low-rank error; the tolerance was NOT "
+                 "loosened for it: judge with a looser --max-error (e.g. 1e-2), or validate the rewrite "
+                 "alone in fp32 (--provider cuda or cpu)")
 
 
 def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, *,
-                 tolerance: Tolerance, tolerance_source: str = "", provider: str = "cpu",
+                 tolerance: Tolerance, per_output: Mapping[str, Tolerance] | None = None,
+                 tolerance_source: str = "", provider: str = "cpu", config: runtime.SessionConfig | None = None,
                  shapes: dict[str, list[int]] | None = None, batch: int = 1, seed: int = 0,
-                 samples: Iterable[dict[str, np.ndarray]] | None = None,
+                 samples: Iterable[dict[str, np.ndarray]] | None = None, inputs: str | None = None,
                  int_range: tuple[int, int] = runtime.DEFAULT_INT_RANGE) -> ParityResult:
-    config = runtime.SessionConfig(provider=provider, optimize=False)
+    """Compare every output of `candidate` with `reference`'s on the same inputs.
+
+    Inputs: `samples` (feed dicts), else the arrays of the .npz file `inputs` (runtime.load_samples),
+    else generated from the reference's input signature. The provider is `config`'s if given, else
+    `provider` with default settings. `per_output` overrides `tolerance` for the outputs it names.
+    """
+    config = replace(config or runtime.SessionConfig(provider=provider), optimize=False)
     ref_session = runtime.make_session(reference, config)
     cand_session = runtime.make_session(candidate, config)
+    names = _matching_signatures(ref_session, cand_session)
+    per_output = dict(per_output or {})
+    unknown = sorted(set(per_output) - set(names))
+    if unknown:
+        raise OptionError(f"tolerance given for output {', '.join(map(repr, unknown))}, which the model does not "
+                          f"have (outputs: {', '.join(names)})")
     notes: list[str] = []
     if samples is None:
-        specs = runtime.input_specs(ref_session)
-        concrete, notes = runtime.resolve_shapes(specs, shapes or {}, batch)
-        samples = [runtime.generate_inputs(specs, concrete, seed, int_range)]
+        samples, notes = runtime.model_inputs(ref_session, inputs=inputs, shapes=shapes, batch=batch, seed=seed,
+                                              int_range=int_range)
     samples = list(samples)
-    input_shapes = {name: list(value.shape) for name, value in samples[0].items()}
-    names = [o.name for o in ref_session.get_outputs()]
+    input_shapes = {name: list(np.shape(value)) for name, value in samples[0].items()}
+    cand_order = [o.name for o in cand_session.get_outputs()]
     ref_outputs = [runtime.run(ref_session, feed) for feed in samples]
-    cand_outputs = [runtime.run(cand_session, feed) for feed in samples]
+    cand_outputs = [dict(zip(cand_order, runtime.run(cand_session, feed))) for feed in samples]
     outputs = [compare_output(name,
                               _stack([out[i] for out in ref_outputs]),
-                              _stack([out[i] for out in cand_outputs]), tolerance)
+                              _stack([out[name] for out in cand_outputs]), per_output.get(name, tolerance))
                for i, name in enumerate(names)]
     criterion = tolerance.describe() + (f" ({tolerance_source})" if tolerance_source else "")
-    return ParityResult(provider=provider, criterion=criterion, passed=all(o.passed for o in outputs),
+    if per_output:
+        criterion += "; own tolerance for " + ", ".join(per_output)
+    if config.trt_fp16:
+        notes.append(TRT_FP16_NOTE)
+    return ParityResult(provider=config.provider, criterion=criterion, passed=all(o.passed for o in outputs),
                         outputs=outputs, samples=len(samples), input_shapes=input_shapes, notes=notes)
+
+
+def _matching_signatures(ref_session, cand_session) -> list[str]:
+    """The output names to compare; the two models must take the same inputs and give the same
+    outputs (by name), as a rewrite keeps them."""
+    def signature(args):
+        return {a.name: a.type for a in args}
+
+    for kind, ref, cand in (("inputs", ref_session.get_inputs(), cand_session.get_inputs()),
+                            ("outputs", ref_session.get_outputs(), cand_session.get_outputs())):
+        if signature(ref) != signature(cand):
+            raise InferenceError(f"the two models have different {kind}: "
+                                 f"{_describe(ref)} vs {_describe(cand)}")
+    return [o.name for o in ref_session.get_outputs()]
+
+
+def _describe(args) -> str:
+    return "(" + ", ".join(f"{a.name}: {a.type}" for a in args) + ")"
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

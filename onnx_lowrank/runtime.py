@@ -6,11 +6,16 @@ provider choice or a thread setting is written once.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
+import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -24,9 +29,21 @@ PROVIDERS = {
 }
 INSTALL_HINT = ("ONNX Runtime is not installed: pip install 'onnx-lowrank[cpu]' (CPU only) "
                 "or 'onnx-lowrank[gpu]' (CUDA, TensorRT and CPU)")
+GPU_INSTALL_HINT = {
+    "cuda": "pip install 'onnx-lowrank[gpu]' (onnxruntime-gpu) and the CUDA and cuDNN versions it was built for",
+    "tensorrt": "pip install 'onnx-lowrank[gpu]' (onnxruntime-gpu) and the CUDA, cuDNN and TensorRT versions "
+                "it was built for",
+}
 DEFAULT_DYNAMIC_DIM = 16
 DEFAULT_INT_RANGE = (0, 25)
 _PROTO_LIMIT = 2**31 - 1
+
+
+def ort_version() -> str:
+    try:
+        return ort().__version__
+    except RuntimeUnavailableError:
+        return "none"
 
 
 def ort():
@@ -44,78 +61,213 @@ class SessionConfig:
     optimize: bool = True                # ORT graph optimizations (off for parity: compare our rewrite,
                                          # not the runtime's fusions)
     spinning: bool = True                # off when two sessions alternate on few cores
-    provider_options: dict[str, Any] = field(default_factory=dict)
+    device_id: int = 0                   # GPU ordinal for cuda / tensorrt
+    trt_fp16: bool = False               # let TensorRT pick fp16 kernels
+    trt_engine_cache: str | None = None  # directory where TensorRT keeps built engines between runs
+    profile_prefix: str | None = None    # ORT profiling on, trace written to PREFIX_<timestamp>.json
+    provider_options: dict[str, Any] = field(default_factory=dict)   # raw extras for the chosen provider
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise OptionError(f"--provider: unknown provider {self.provider!r}; choose from {', '.join(PROVIDERS)}")
+        if self.threads is not None and (int(self.threads) != self.threads or self.threads < 1):
+            raise OptionError(f"--threads must be a positive integer, got {self.threads}")
+        if self.provider == "cpu" and self.device_id:
+            raise OptionError("--device-id applies to --provider cuda or tensorrt, not cpu")
+        if self.device_id < 0:
+            raise OptionError(f"--device-id must be >= 0, got {self.device_id}")
+        if self.provider != "tensorrt" and (self.trt_fp16 or self.trt_engine_cache):
+            raise OptionError("--trt-fp16 and --trt-engine-cache apply to --provider tensorrt only")
+
+    def describe(self) -> str:
+        parts = [self.provider]
+        if self.provider != "cpu":
+            parts.append(f"device {self.device_id}")
+        if self.trt_fp16:
+            parts.append("fp16")
+        parts.append(f"{self.threads} threads" if self.threads else "ORT default threads")
+        return ", ".join(parts)
 
 
-def provider_chain(config: SessionConfig) -> list:
-    """The provider list for InferenceSession, or a one-line error naming what to install."""
-    if config.provider not in PROVIDERS:
-        raise OptionError(f"--provider: unknown provider {config.provider!r}; choose from {', '.join(PROVIDERS)}")
+def provider_chain(config: SessionConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The (provider, options) list for InferenceSession, or a one-line error naming what to install.
+
+    A GPU provider is followed by the CPU provider for the nodes it has no kernel for (ORT would
+    add it anyway); TensorRT is followed by CUDA too, for the subgraphs TensorRT does not take,
+    which is how ORT's TensorRT documentation sets it up.
+    """
     name = PROVIDERS[config.provider]
     available = ort().get_available_providers()
     if name not in available:
-        hint = ("install onnxruntime-gpu (pip install 'onnx-lowrank[gpu]') with a matching CUDA"
-                + (" and TensorRT" if config.provider == "tensorrt" else ""))
         raise RuntimeUnavailableError(f"execution provider {name} is not available in this ONNX Runtime "
-                                      f"(available: {', '.join(available)}); {hint}")
-    chain: list = [(name, dict(config.provider_options))] if config.provider_options else [name]
-    if config.provider != "cpu":
-        chain.append("CPUExecutionProvider")   # for the nodes the GPU provider does not take
-    return chain
+                                      f"(available: {', '.join(available)}); {GPU_INSTALL_HINT[config.provider]}")
+    if config.provider == "cpu":
+        return [("CPUExecutionProvider", dict(config.provider_options))]
+    cpu = ("CPUExecutionProvider", {})
+    cuda = ("CUDAExecutionProvider", {"device_id": config.device_id})
+    if config.provider == "cuda":
+        return [("CUDAExecutionProvider", {**cuda[1], **config.provider_options}), cpu]
+    trt: dict[str, Any] = {"device_id": config.device_id, "trt_fp16_enable": config.trt_fp16}
+    if config.trt_engine_cache:
+        trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(config.trt_engine_cache))
+    trt.update(config.provider_options)
+    chain = [("TensorrtExecutionProvider", trt)]
+    if "CUDAExecutionProvider" in available:
+        chain.append(cuda)
+    return chain + [cpu]
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike, config: SessionConfig):
+def session_options(config: SessionConfig):
     rt = ort()
     options = rt.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = (rt.GraphOptimizationLevel.ORT_ENABLE_ALL if config.optimize
-                                        else rt.GraphOptimizationLevel.ORT_DISABLE_ALL)
+                                         else rt.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if config.threads:
         options.intra_op_num_threads = config.threads
     if not config.spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if config.profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = config.profile_prefix
+    return options
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, config: SessionConfig):
+    rt = ort()
+    options = session_options(config)
     chain = provider_chain(config)
+    if config.trt_engine_cache:
+        Path(config.trt_engine_cache).mkdir(parents=True, exist_ok=True)
+    gpu = config.provider != "cpu"
+    log: list[str] = []
     try:
-        with _model_source(model) as source:
+        with _model_source(model) as (source, folder), (_captured_output(log) if gpu else contextlib.nullcontext()):
+            if folder:   # weights still in the input's data file: ORT reads them from there
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
             session = rt.InferenceSession(source, sess_options=options, providers=chain)
     except Exception as exc:  # ORT raises its own exception types, not importable portably
-        raise InferenceError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+        reason = _provider_failure(log[0]) if gpu and log else None
+        raise InferenceError(f"ONNX Runtime cannot load the model on {config.provider}: "
+                             f"{reason or _first_line(exc)}") from None
     wanted = PROVIDERS[config.provider]
     if wanted not in session.get_providers():
-        # ORT falls back to CPU silently when a GPU provider fails to initialise; we never do.
-        raise RuntimeUnavailableError(f"execution provider {wanted} failed to initialise "
-                                      f"(ONNX Runtime fell back to {', '.join(session.get_providers())}); "
-                                      "check the CUDA/TensorRT installation")
+        # ORT falls back to CPU when a GPU provider fails to initialise; we never do, so a figure
+        # is never reported for a provider it was not measured on.
+        reason = _provider_failure(log[0]) if log else None
+        raise RuntimeUnavailableError(
+            f"execution provider {wanted} failed to initialise ({reason or 'ONNX Runtime gave no reason'}) "
+            f"and is not replaced by CPU: {GPU_INSTALL_HINT[config.provider]}, or use --provider cpu")
+    if log and log[0].strip():
+        sys.stderr.write(log[0])   # a provider that did start may still have warned
     return session
 
 
+@contextlib.contextmanager
+def _captured_output(sink: list[str]):
+    """Capture what ORT writes while a GPU provider starts: a provider that fails to load is
+    reported over several lines of native log (stderr) and a Python print (stdout), and then ORT
+    falls back to CPU. We turn that into one line naming the reason."""
+    python_out = io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as native:
+        os.dup2(native.fileno(), 1)
+        os.dup2(native.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(python_out):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            native.seek(0)
+            sink.append(native.read().decode(errors="replace") + python_out.getvalue())
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _provider_failure(log: str) -> str | None:
+    """The informative part of ORT's provider-failure log: the library that did not load, and the
+    versions ORT says it needs."""
+    log = _ANSI.sub("", log)
+    parts = []
+    missing = re.search(r"with error: ([^\n]+)", log)
+    if missing:
+        parts.append(missing.group(1).strip())
+    needs = re.search(r"(Require [^.\n]+(?:\.\*[^.\n]*)*)", log)
+    if needs:
+        parts.append(needs.group(1).strip().rstrip("."))
+    if not parts:
+        lines = [line.strip() for line in log.splitlines() if line.strip() and not set(line.strip()) <= {"*"}]
+        parts = lines[:1]
+    return "; ".join(parts)[:400] or None
+
+
+def end_profiling(session) -> Path:
+    """Stop ORT's profiler and return the trace it wrote (Chrome trace-event JSON)."""
+    return Path(session.end_profiling())
+
+
 class _model_source:
-    """Bytes for a model under the protobuf limit; a temporary file for a larger one."""
+    """(bytes, folder of external data still to read) for a model under the protobuf limit;
+    (a temporary file, None) for a larger one."""
 
     def __init__(self, model):
         self.model, self.tmpdir = model, None
 
     def __enter__(self):
+        from .graph import external_folder, for_runtime, model_size
+        from .io import save_model
+
         if not isinstance(self.model, onnx.ModelProto):
-            return str(self.model)
-        if self.model.ByteSize() < _PROTO_LIMIT:
-            return self.model.SerializeToString()
+            return str(self.model), None
+        if model_size(self.model) < _PROTO_LIMIT:
+            # weights still in the input's data file stay there, and ORT is told the folder
+            folder = external_folder(self.model)
+            return (for_runtime(self.model) if folder else self.model).SerializeToString(), folder
         self.tmpdir = tempfile.TemporaryDirectory(prefix="onnx-lowrank-")
         path = Path(self.tmpdir.name) / "model.onnx"
-        onnx.save_model(self.model, str(path), save_as_external_data=True, location="model.onnx.data")
-        return str(path)
+        save_model(self.model, path, external_data=True)   # keeps self.model whole
+        return str(path), None
 
     def __exit__(self, *exc):
         if self.tmpdir is not None:
             self.tmpdir.cleanup()
 
 
-def run(session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def prepare_feeds(feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Feeds as ORT takes them: numpy has no bfloat16, so ORT's numpy path refuses ml_dtypes'
+    bfloat16 arrays; those go in as OrtValues typed from their raw 16-bit words."""
+    prepared: dict[str, Any] = {}
+    for name, value in feeds.items():
+        if value.dtype.name == "bfloat16":
+            prepared[name] = ort().OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(value).view(np.uint16), onnx.TensorProto.BFLOAT16)
+        else:
+            prepared[name] = value
+    return prepared
+
+
+def run(session, feeds: dict[str, Any]) -> list[np.ndarray]:
     try:
-        return session.run(None, feeds)
+        return session.run(None, prepare_feeds(feeds))
     except Exception as exc:
         raise InferenceError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
+
+
+def runner(session, feeds: dict[str, np.ndarray]) -> Callable[[], list]:
+    """One inference as a zero-argument call, for timing: the feeds are converted once and no Python
+    work wraps ORT's call. A first, checked run turns a model that cannot run on these inputs into
+    one InferenceError before any timing starts."""
+    run(session, feeds)
+    return functools.partial(session.run, None, prepare_feeds(feeds))
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -139,7 +291,7 @@ def input_specs(session) -> list[InputSpec]:
     specs = []
     for arg in session.get_inputs():
         if arg.type == "tensor(bfloat16)":
-            import ml_dtypes
+            import ml_dtypes   # installed with onnx
             dtype = np.dtype(ml_dtypes.bfloat16)
         elif arg.type in _ORT_TYPES:
             dtype = np.dtype(_ORT_TYPES[arg.type])
@@ -165,7 +317,7 @@ def resolve_shapes(specs: list[InputSpec], overrides: dict[str, list[int]], batc
     for spec in specs:
         if spec.name in overrides:
             shape = overrides[spec.name]
-            if len(shape) != len(spec.shape) or any(isinstance(d, int) and d != v for d, v in zip(spec.shape, shape)):
+            if not _fits(shape, spec.shape):
                 raise OptionError(f"--shape {spec.name}:{','.join(map(str, shape))} does not fit the model's "
                                   f"input shape {_format_shape(spec.shape)}")
             shapes[spec.name] = list(shape)
@@ -186,23 +338,120 @@ def resolve_shapes(specs: list[InputSpec], overrides: dict[str, list[int]], batc
 
 def generate_inputs(specs: list[InputSpec], shapes: dict[str, list[int]], seed: int = 0,
                     int_range: tuple[int, int] = DEFAULT_INT_RANGE) -> dict[str, np.ndarray]:
-    """Floats ~ N(0, 1); integers uniform in [lo, hi); bools fair coins; inputs named like a mask
-    are all ones (a random attention mask is not an input a model is ever served)."""
+    """Floats (fp32, fp64, fp16, bf16) ~ N(0, 1); integers uniform in [lo, hi); bools fair coins;
+    integer inputs named like a mask are all ones (a random attention mask is not an input a model
+    is ever served)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
         shape = shapes[spec.name]
         kind = spec.dtype.kind
         if kind == "b":
-            feeds[spec.name] = rng.random(shape) < 0.5
+            feeds[spec.name] = np.asarray(rng.random(shape) < 0.5)   # a 0-d input must stay an array
         elif kind in "iu":
             if "mask" in spec.name.lower():
                 feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
             else:
-                feeds[spec.name] = rng.integers(int_range[0], int_range[1], size=shape).astype(spec.dtype)
-        else:
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                lo, hi = int_range
+                info = np.iinfo(spec.dtype)
+                if lo < info.min or hi - 1 > info.max:
+                    raise OptionError(f"--int-range {lo}:{hi} does not fit input '{spec.name}' of type {spec.dtype}")
+                feeds[spec.name] = rng.integers(lo, hi, size=shape).astype(spec.dtype)
+        else:   # 'f', and ml_dtypes' bfloat16 (kind 'V')
+            feeds[spec.name] = rng.standard_normal(shape).astype(np.float32).astype(spec.dtype)
     return feeds
+
+
+def model_inputs(session, *, inputs: str | os.PathLike | None = None, shapes: dict[str, list[int]] | None = None,
+                 batch: int = 1, seed: int = 0, int_range: tuple[int, int] = DEFAULT_INT_RANGE
+                 ) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """The samples to run a session's model on, and notes on how they were made: the arrays of the
+    .npz file `inputs`, or one generated sample (dynamic dims filled as resolve_shapes says)."""
+    specs = input_specs(session)
+    if inputs is not None:
+        if shapes:
+            raise OptionError("--shape and --inputs: the arrays in the file fix the input shapes; give one")
+        return load_samples(inputs, specs)
+    concrete, notes = resolve_shapes(specs, shapes or {}, batch)
+    return [generate_inputs(specs, concrete, seed, int_range)], notes
+
+
+def parse_int_range(text: str) -> tuple[int, int]:
+    """'LO:HI' -> (LO, HI), the half-open range integer inputs are drawn from."""
+    lo, sep, hi = text.partition(":")
+    try:
+        bounds = (int(lo), int(hi)) if sep else None
+    except ValueError:
+        bounds = None
+    if bounds is None or bounds[0] >= bounds[1]:
+        raise OptionError(f"--int-range {text!r}: expected LO:HI with integers LO < HI, e.g. 0:1000 "
+                          "(integers are drawn from [LO, HI))")
+    return bounds
+
+
+def load_samples(path: str | os.PathLike, specs: list[InputSpec]) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """Samples from an .npz whose keys are input names and whose leading axis indexes samples.
+
+    An array with exactly the input's rank is taken as a single sample (a batch saved as is, like
+    models/digits_test.npz), and a note says so. Arrays are cast to the input's dtype within a
+    kind (float64 -> float32), never across kinds (float -> int is an error).
+    """
+    arrays = _read_npz(path)
+    flag = f"--inputs {path}"
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise OptionError(f"{flag}: no array for input {', '.join(map(repr, missing))} "
+                          f"(file has {', '.join(map(repr, arrays)) or 'no arrays'})")
+    notes = []
+    extra = [k for k in arrays if k not in names]
+    if extra:
+        notes.append(f"--inputs: ignored arrays that are not model inputs: {', '.join(extra)}")
+    per_input: dict[str, list[np.ndarray]] = {}
+    for spec in specs:
+        array = arrays[spec.name]
+        if not np.can_cast(array.dtype, spec.dtype, "same_kind") and not (
+                spec.dtype.name == "bfloat16" and array.dtype.kind == "f"):
+            raise OptionError(f"{flag}: '{spec.name}' is {array.dtype}, the model takes {spec.dtype}")
+        array = array.astype(spec.dtype, copy=False)
+        if array.ndim == len(spec.shape) + 1:
+            samples = list(array)
+        elif array.ndim == len(spec.shape):
+            samples = [array]
+            notes.append(f"--inputs: '{spec.name}' {list(array.shape)} has the input's rank: used as one sample")
+        else:
+            raise OptionError(f"{flag}: '{spec.name}' has shape {list(array.shape)}; the model's input is "
+                              f"{_format_shape(spec.shape)}, so expected [samples, ...] or that shape")
+        for sample in samples:
+            if not _fits(list(sample.shape), spec.shape):
+                raise OptionError(f"{flag}: a sample of '{spec.name}' has shape {list(sample.shape)}, which does "
+                                  f"not fit the model's input {_format_shape(spec.shape)}")
+        per_input[spec.name] = samples
+    counts = {name: len(samples) for name, samples in per_input.items()}
+    if len(set(counts.values())) > 1:
+        raise OptionError(f"{flag}: inputs have different sample counts: "
+                          + ", ".join(f"{n} {c}" for n, c in counts.items()))
+    count = next(iter(counts.values()), 0)
+    if count == 0:
+        raise OptionError(f"{flag}: no samples (leading axis of length 0)")
+    return [{name: per_input[name][i] for name in names} for i in range(count)], notes
+
+
+def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise OptionError(f"--inputs: file '{path}' does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive of named arrays")
+        with data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise OptionError(f"--inputs: '{path}' is not a readable .npz file ({_first_line(exc)})") from None
+
+
+def _fits(shape: list[int], model_shape: list[int | str | None]) -> bool:
+    return len(shape) == len(model_shape) and all(not isinstance(d, int) or d == v for d, v in zip(model_shape, shape))
 
 
 def _format_shape(shape) -> str:
@@ -213,4 +462,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line[:300]
-
