@@ -1,0 +1,319 @@
+"""Calibration: run the model on the user's samples and keep, per candidate layer, the Gram matrix
+X^T X of the rows its weight multiplies.
+
+    samples (.npz, keys = input names, leading axis = samples)
+      -> the model, with each candidate's input activation added as a graph output
+      -> per batch: flatten the activation to rows [m, k] (padding rows dropped), C += X^T X (float64)
+
+Memory is bounded by the Gram matrices (k^2 float64 per distinct input tensor; Q, K and V share
+one), never by the number of samples. Graph optimizations are off in the capture session, so
+every tensor the graph names still exists (ORT's fusions would remove MatMul inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import profiling, runtime
+from .errors import OptionError
+from .options import Options
+
+#: Samples per ORT run. Activations of one batch are all held at once: BERT-base at sequence 128
+#: captures 48 distinct tensors (36 of width 768, 12 of 3072) of 8 x 128 rows, 0.26 GB.
+BATCH_SIZE = 8
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """The .npz files of --calibration and how many samples each holds, read lazily."""
+
+    files: tuple[Path, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+    def batches(self, start: int = 0, stop: int | None = None, batch_size: int = BATCH_SIZE
+                ) -> Iterator[dict[str, np.ndarray]]:
+        """Samples [start, stop) in batches, never crossing a file boundary."""
+        stop = self.samples if stop is None else stop
+        offset = 0
+        for path, count in zip(self.files, self.counts):
+            lo, hi = max(start - offset, 0), min(stop - offset, count)
+            offset += count
+            if lo >= hi:
+                continue
+            with np.load(path) as data:
+                arrays = {key: data[key] for key in data.files}
+            for i in range(lo, hi, batch_size):
+                yield {key: value[i:min(i + batch_size, hi)] for key, value in arrays.items()}
+
+
+def load_calibration(path: str | os.PathLike, input_names: list[str]) -> CalibrationData:
+    """--calibration FILE.npz or a directory of .npz; every file must hold every model input."""
+    path = Path(path)
+    if path.is_dir():
+        files = tuple(sorted(path.glob("*.npz")))
+        if not files:
+            raise OptionError(f"--calibration: directory '{path}' holds no .npz files")
+    elif path.is_file():
+        files = (path,)
+    else:
+        raise OptionError(f"--calibration: '{path}' does not exist")
+    counts = []
+    for file in files:
+        try:
+            with np.load(file) as data:
+                shapes = {key: data[key].shape for key in data.files}
+        except (OSError, ValueError) as exc:
+            raise OptionError(f"--calibration: cannot read '{file}' as .npz: {exc}") from None
+        missing = [name for name in input_names if name not in shapes]
+        if missing:
+            raise OptionError(f"--calibration: '{file}' has no array for input {', '.join(map(repr, missing))} "
+                              f"(keys: {', '.join(shapes) or 'none'}; expected one per model input: {', '.join(input_names)})")
+        leading = {shapes[name][0] if shapes[name] else 0 for name in input_names}
+        if len(leading) != 1 or 0 in leading:
+            raise OptionError(f"--calibration: in '{file}' the inputs' leading (sample) axes differ or are empty: "
+                              + ", ".join(f"{n} {list(shapes[n])}" for n in input_names))
+        counts.append(leading.pop())
+    return CalibrationData(files, tuple(counts))
+
+
+# --- what to capture ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """A candidate layer's input activation, and the axis its weight contracts."""
+
+    layer: str
+    tensor: str
+    axis: int
+    dtype: np.dtype
+    weight: str
+
+
+def capture_specs(graph: gs.Graph, options: Options) -> list[CaptureSpec]:
+    """The matrix layers the decompose passes would factorize (MatMul and Gemm with one constant
+    2-D side, group-1 1x1 Conv), main graph only: a subgraph's tensors cannot be graph outputs."""
+    specs = []
+    for node in graph.nodes:
+        match = _matrix_input(node, options)
+        if match is None:
+            continue
+        name = node.name or (node.outputs[0].name if node.outputs else node.op)
+        if options.selects(name):
+            tensor, axis, weight = match
+            specs.append(CaptureSpec(name, tensor.name, axis, np.dtype(weight.values.dtype), weight.name))
+    return specs
+
+
+def _matrix_input(node: gs.Node, options: Options) -> tuple[gs.Variable, int, gs.Constant] | None:
+    inputs = node.inputs
+    if node.op == "MatMul" and "matmul" in options.ops and len(inputs) == 2:
+        left, right = (isinstance(t, gs.Constant) and len(t.shape) == 2 for t in inputs)
+        if right and isinstance(inputs[0], gs.Variable):
+            return inputs[0], -1, inputs[1]
+        if left and isinstance(inputs[1], gs.Variable):
+            return inputs[1], -2, inputs[0]          # y = W x: x's rows are axis -2
+    if node.op == "Gemm" and "gemm" in options.ops and len(inputs) >= 2:
+        a, b = inputs[0], inputs[1]
+        if isinstance(b, gs.Constant) and len(b.shape) == 2 and isinstance(a, gs.Variable):
+            return a, 0 if node.attrs.get("transA", 0) else -1, b
+    if node.op == "Conv" and "conv" in options.ops and len(inputs) >= 2:
+        w = inputs[1]
+        if (isinstance(w, gs.Constant) and len(w.shape) >= 3 and all(d == 1 for d in w.shape[2:])
+                and int(node.attrs.get("group", 1)) == 1 and isinstance(inputs[0], gs.Variable)
+                and _pointwise(node)):
+            return inputs[0], 1, w
+    return None
+
+
+def _pointwise(node: gs.Node) -> bool:
+    """A 1x1 conv sees every input pixel once only without strides and pads; otherwise the Gram of
+    its input is not the Gram of the rows it multiplies."""
+    return (all(s == 1 for s in node.attrs.get("strides", [1])) and not any(node.attrs.get("pads", [0]))
+            and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID", b"NOTSET", b"VALID"))
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """layer -> Gram [k, k] (float64; layers reading the same tensor share one array), and
+    layer -> rows per sample before padding was dropped (the layer's output positions)."""
+
+    grams: dict[str, np.ndarray] = field(default_factory=dict)
+    positions: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+
+
+def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: CalibrationData, *,
+                  start: int = 0, stop: int | None = None, provider: str = "cpu",
+                  batch_size: int = BATCH_SIZE, on_batch: Callable[[int], None] | None = None) -> Calibration:
+    """Run `model` on samples [start, stop) of `data` and accumulate every spec's Gram matrix.
+
+    on_batch(samples in the batch) is called after each batch, for a progress bar."""
+    keys = sorted({(s.tensor, s.axis) for s in specs})
+    grams: dict[tuple[str, int], np.ndarray] = {}
+    rows: dict[tuple[str, int], int] = {key: 0 for key in keys}
+    samples = 0
+    for count, (values,), mask in _captures([model], specs, data, start, stop, provider, batch_size):
+        for key in keys:
+            x = _rows(values[key[0]], key[1])
+            rows[key] += x.shape[0]
+            x = _drop_padding(x, values[key[0]], key[1], mask)
+            grams[key] = x.T @ x if key not in grams else grams[key] + x.T @ x
+        samples += count
+        if on_batch is not None:
+            on_batch(count)
+    if not samples:
+        raise OptionError("--calibration: no samples to calibrate on")
+    return Calibration(grams=_per_layer(specs, grams),
+                       positions={s.layer: rows[(s.tensor, s.axis)] / samples for s in specs},
+                       samples=samples)
+
+
+def collect_cross_grams(original: onnx.ModelProto, compressed: onnx.ModelProto, specs: list[CaptureSpec],
+                        data: CalibrationData, *, start: int = 0, stop: int | None = None, provider: str = "cpu",
+                        batch_size: int = BATCH_SIZE, on_batch: Callable[[int], None] | None = None
+                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """layer -> (X~^T X~, X~^T X): X~ the rows the layer sees in `compressed` (every layer before
+    it already truncated), X the rows it sees in `original`, on the same samples. A layer's input
+    tensor keeps its name through the rewrite (the first factor reads it), so one spec names both."""
+    keys = sorted({(s.tensor, s.axis) for s in specs})
+    sums: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    for count, (reference, actual), mask in _captures([original, compressed], specs, data, start, stop,
+                                                        provider, batch_size):
+        for key in keys:
+            x = _drop_padding(_rows(reference[key[0]], key[1]), reference[key[0]], key[1], mask)
+            xt = _drop_padding(_rows(actual[key[0]], key[1]), actual[key[0]], key[1], mask)
+            gram, cross = xt.T @ xt, xt.T @ x
+            sums[key] = (gram, cross) if key not in sums else (sums[key][0] + gram, sums[key][1] + cross)
+        if on_batch is not None:
+            on_batch(count)
+    return {s.layer: sums[(s.tensor, s.axis)] for s in specs if (s.tensor, s.axis) in sums}
+
+
+def _captures(models: list[onnx.ModelProto], specs: list[CaptureSpec], data: CalibrationData, start: int,
+              stop: int | None, provider: str, batch_size: int
+              ) -> Iterator[tuple[int, list[dict[str, np.ndarray]], np.ndarray | None]]:
+    """Per batch: its sample count, each model's captured tensors by name, and the padding mask."""
+    config = runtime.SessionConfig(provider=provider, optimize=False)
+    sessions = [runtime.make_session(_with_outputs(model, specs), config) for model in models]
+    input_names = [i.name for i in sessions[0].get_inputs()]
+    mask_name = _mask_input(sessions[0])
+    for batch in data.batches(start, stop, batch_size):
+        feeds = {name: batch[name] for name in input_names}
+        values = [dict(zip([o.name for o in s.get_outputs()], runtime.run(s, feeds))) for s in sessions]
+        yield len(feeds[input_names[0]]), values, (feeds[mask_name] if mask_name else None)
+
+
+def _per_layer(specs: list[CaptureSpec], grams: dict[tuple[str, int], np.ndarray]) -> dict[str, np.ndarray]:
+    """A weight shared by several layers gets one factorization (the passes share its factors), so
+    its Gram is the sum over the layers: the truncation then minimises their summed output error."""
+    by_weight: dict[str, list[CaptureSpec]] = {}
+    for spec in specs:
+        by_weight.setdefault(spec.weight, []).append(spec)
+    result = {}
+    for users in by_weight.values():
+        keys = list(dict.fromkeys((s.tensor, s.axis) for s in users))
+        if len({_side(s.axis) for s in users}) > 1:
+            continue   # used as x W and as W x: no one Gram describes both; weight-only path
+        total = grams[keys[0]] if len(keys) == 1 else sum(grams[key] for key in keys)
+        result.update({s.layer: total for s in users})
+    return result
+
+
+def _side(axis: int) -> str:
+    return "left" if axis == -2 or axis == 1 else "right"
+
+
+def _with_outputs(model: onnx.ModelProto, specs: list[CaptureSpec]) -> onnx.ModelProto:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for spec in specs:
+        if spec.tensor not in present:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(spec.dtype)
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(spec.tensor, elem, None))
+            present.add(spec.tensor)
+    return probe
+
+
+def _mask_input(session) -> str | None:
+    """An integer or bool input named like a mask, [batch, seq]: 0 marks a padding position."""
+    for arg in session.get_inputs():
+        if "mask" in arg.name.lower() and len(arg.shape) == 2 and arg.type in (
+                "tensor(int64)", "tensor(int32)", "tensor(bool)", "tensor(float)", "tensor(uint8)", "tensor(int8)"):
+            return arg.name
+    return None
+
+
+def _rows(value: np.ndarray, axis: int) -> np.ndarray:
+    """The activation as rows [m, k] over its feature axis, in float64 for the accumulation."""
+    moved = np.moveaxis(value, axis, -1)
+    return moved.reshape(-1, moved.shape[-1]).astype(np.float64)
+
+
+def _drop_padding(rows: np.ndarray, value: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray:
+    """Rows of padding positions carry activations the model's output never uses (the attention
+    mask hides them), so they must not steer the truncation. Only the unambiguous layouts are
+    matched: [batch, seq, k] and [batch * seq, k] token rows."""
+    if mask is None or axis not in (-1, value.ndim - 1):
+        return rows
+    keep = np.asarray(mask) != 0
+    if value.ndim == 3 and value.shape[:2] == keep.shape:
+        return rows[keep.reshape(-1)]
+    if value.ndim == 2 and value.shape[0] == keep.size:
+        return rows[keep.reshape(-1)]
+    return rows
+
+
+def layer_time_fraction(model: onnx.ModelProto, layers: set[str], data: CalibrationData, *, provider: str = "cpu",
+                        runs: int = 4, batch_size: int = BATCH_SIZE) -> float:
+    """The share of the model's kernel time spent in `layers`, from ORT's profiler on the first
+    calibration batch, with graph optimizations on as the model is served (fused nodes are mapped
+    back to their layers); the first run warms up and is not counted."""
+    batch = next(data.batches(0, None, batch_size))
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-profile-") as tmp:
+        session = runtime.make_session(model, runtime.SessionConfig(provider=provider,
+                                                                    profile_prefix=str(Path(tmp) / "trace")))
+        feeds = {i.name: batch[i.name] for i in session.get_inputs()}
+        for _ in range(runs + 1):
+            runtime.run(session, feeds)
+        events = json.loads(runtime.end_profiling(session).read_text())
+    times = {layer: p.us for layer, p in profiling.layer_profile(events, model.graph, skip_runs=1).items()}
+    total = sum(times.values())
+    return sum(t for layer, t in times.items() if layer in layers) / total if total else 1.0
+
+
+def probe_deviations(model: onnx.ModelProto, selector: str, count: int, data: CalibrationData, *, start: int = 0,
+                     stop: int | None = None, provider: str = "cpu", batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """For a model with an extra input `selector` [count] that switches on one perturbation each:
+    the relative deviation ||y_i - y|| / ||y|| of all outputs together, for each i, over the samples."""
+    session = runtime.make_session(model, runtime.SessionConfig(provider=provider))
+    names = [i.name for i in session.get_inputs() if i.name != selector]
+    squared, total = np.zeros(count), 0.0
+    for batch in data.batches(start, stop, batch_size):
+        feeds = {name: batch[name] for name in names}
+        off = np.zeros(count, dtype=np.float32)
+        reference = [o.astype(np.float64) for o in runtime.run(session, {**feeds, selector: off})]
+        total += sum(float(np.sum(o ** 2)) for o in reference)
+        for i in range(count):
+            on = off.copy()
+            on[i] = 1.0
+            outputs = runtime.run(session, {**feeds, selector: on})
+            squared[i] += sum(float(np.sum((o - r) ** 2)) for o, r in zip(outputs, reference))
+    return np.sqrt(squared / total) if total else np.zeros(count)

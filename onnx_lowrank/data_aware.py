@@ -1,0 +1,352 @@
+"""The data-aware path of optimize, around the decompose stage:
+
+    normalized graph -> calibration Grams per layer (calibration.py)    -> context.grams
+                     -> survey of every matrix layer's spectrum          \\
+                     -> one global allocation for --target-*              -> context.ranks
+    rewrite (the passes, whitened SVD where a Gram is known)
+    -> --max-error on held-back calibration samples: back off along the allocation, most damaging
+       step first, to the most compressed model within the bound
+
+Without --calibration and without a target nothing here runs and the passes follow the rank rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .calibration import (CalibrationData, capture_specs, collect_cross_grams, collect_grams, layer_time_fraction,
+                          load_calibration, probe_deviations)
+from .compare import Tolerance
+from .graph import export_graph
+from .parity import check_parity
+from .passes import PassContext, PassEntry
+from .passes.base import layer_name
+from .rank_allocation import (Allocation, LayerSpectrum, allocate_ranks, flop_ratio_for_speedup, predicted_error,
+                              rank_grid)
+from .report import LayerRecord, Report
+
+#: Share of the calibration samples held back to check --max-error: errors measured on the samples
+#: the Grams were fitted on would flatter the truncation.
+HOLD_BACK = 1 / 8
+
+#: Calibration samples the sensitivity probe runs on (each layer costs one run over them).
+SENSITIVITY_SAMPLES = 8
+
+WEIGHT_ONLY_NOTE = ("weight-only truncation (no --calibration): on trained models the weight's own spectrum is a poor "
+                    "guide to output error; pass --calibration SAMPLES.npz for whitened, data-aware ranks")
+
+
+@dataclass
+class DataPlan:
+    normalized: gs.Graph                    # snapshot before decompose, for later rewrites
+    names: set[str]                         # names in use at the snapshot
+    reference: onnx.ModelProto              # the snapshot as a model: the activations to match
+    data: CalibrationData | None = None
+    fit_stop: int = 0                       # samples [0, fit_stop) calibrate, the rest are held back
+    allocation: Allocation | None = None
+    spectra: list[LayerSpectrum] = field(default_factory=list)
+
+    def held_back(self) -> list[dict]:
+        return [] if self.data is None else list(self.data.batches(self.fit_stop))
+
+
+def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, decompose: list[PassEntry],
+            report: Report, on_batch: Callable[[int], None] | None = None) -> DataPlan | None:
+    """Calibrate and allocate ranks for `graph` (normalized, not yet decomposed); fills
+    context.grams and context.ranks. None when neither --calibration nor a target is given."""
+    options = context.options
+    if options.calibration is None and options.target is None:
+        return None
+    model = export_graph(graph.copy(), original)
+    plan = DataPlan(graph.copy(), set(context.names), model)
+    if options.calibration is not None:
+        inputs = [t.name for t in graph.inputs]
+        plan.data = load_calibration(options.calibration, inputs)
+        checks = options.max_error is not None and plan.data.samples >= 2
+        plan.fit_stop = plan.data.samples - (max(1, int(plan.data.samples * HOLD_BACK)) if checks else 0)
+        specs = capture_specs(graph, options)
+        calibration = collect_grams(model, specs, plan.data, stop=plan.fit_stop, provider=options.provider,
+                                    on_batch=on_batch)
+        context.grams = calibration.grams
+        held_note = f", {plan.data.samples - plan.fit_stop} held back for --max-error" if plan.fit_stop < plan.data.samples else ""
+        report.notes.append(f"calibration: Gram matrices of {len(calibration.grams)} layers from {calibration.samples} "
+                            f"samples{held_note}; matrix layers use whitened SVD")
+    if options.target is not None:
+        plan.spectra = survey(graph, context, decompose)
+        if options.calibration is not None:
+            plan.spectra = [dataclasses.replace(s, positions=calibration.positions.get(s.name, s.positions))
+                            for s in plan.spectra]
+        if plan.data is not None:
+            weights = sensitivities(plan, original, context)
+            if weights:
+                plan.spectra = [dataclasses.replace(s, errors=s.errors * weights.get(s.name, 1.0)) for s in plan.spectra]
+                report.notes.append(f"layer sensitivities: output error per unit of layer error from "
+                                    f"{min(weights.values()):.2f} to {max(weights.values()):.2f}, measured by "
+                                    "truncating one layer at a time; allocation weighs layer errors by them")
+        kind, value = options.target
+        ratio = value
+        if kind == "speedup":
+            # MACs, not the per-layer micro-benchmarks of latency.py: at 0.71 of the time those
+            # predicted, MiniLM measured 1.10-1.13x whole (and 1.31-1.39x timed at 8x64 tokens),
+            # while the MAC ratio of the same Amdahl target measured 1.18-1.33x
+            kind, ratio = "flops", _time_ratio(value, model, plan, options, report)
+        plan.allocation = allocate_ranks(plan.spectra, ratio, kind, options.rounding_multiple)
+        context.ranks = dict(plan.allocation.ranks)
+        _note_allocation(plan, kind, ratio, report)
+    return plan
+
+
+def survey(graph: gs.Graph, context: PassContext, decompose: list[PassEntry]) -> list[LayerSpectrum]:
+    """Every matrix layer's spectrum, measured by the decompose passes on a copy that they leave
+    unchanged (factorize_matrix only records in survey mode); the SVDs are kept for the rewrite."""
+    probe = dataclasses.replace(context, survey={}, names=set(context.names), factors={},
+                                on_layer=lambda name: None)
+    copy = graph.copy()
+    for entry in decompose:
+        entry.run(copy, probe)
+    return list(probe.survey.values())
+
+
+def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContext) -> dict[str, float] | None:
+    """Per layer, the model's relative output deviation when that layer alone is truncated, divided
+    by the layer's own relative output error at that rank. A transformer's FFN layers measured ~10x
+    more sensitive than its attention projections (their error is not diluted by the residual
+    stream); weighing by this moved MiniLM's embedding cosine at 0.72 of the MACs from 0.915 to 0.94.
+
+    One probe model, one session: each layer's output gets + s_i x (W_r - W) for its input x,
+    s = one-hot over the layers, so probing is one run per layer instead of one model per layer.
+    MatMul layers with the weight on the right only (transformers); None when others take part."""
+    graph = plan.normalized.copy()
+    nodes = {layer_name(node): node for node in graph.nodes}
+    names = set(plan.names)
+    probes = []
+    for spectrum in plan.spectra:
+        node = nodes.get(spectrum.name)
+        if (node is None or node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant)
+                or isinstance(node.inputs[0], gs.Constant)):
+            return None
+        grid = rank_grid(spectrum, context.options.rounding_multiple)
+        if grid and spectrum.name in context.decompositions:
+            probes.append((spectrum, node, grid[len(grid) // 2]))
+    dtypes = {np.dtype(node.inputs[1].values.dtype) for _, node, _ in probes}
+    if not probes or len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    selector = gs.Variable(_fresh(names, "lowrank_probe_selector"), dtype=dtype, shape=[len(probes)])
+    graph.inputs.append(selector)
+    for i, (spectrum, node, rank) in enumerate(probes):
+        first, second = context.decompositions[spectrum.name].factors(rank)
+        x, y = node.inputs[0], node.outputs[0]
+        dense, hidden, low, moved, scale, scaled = (
+            gs.Variable(_fresh(names, f"{y.name}_probe_{part}"), dtype=y.dtype)
+            for part in ("dense", "hidden", "low", "delta", "scale", "scaled"))
+        node.outputs.clear()
+        node.outputs.append(dense)
+        # the truncation's change x (A B - W) as x A B - x W: the factors are small, a dense
+        # difference weight would double the model in memory
+        graph.nodes.extend([
+            gs.Node("MatMul", _fresh(names, f"{spectrum.name}_probe_a"),
+                    inputs=[x, gs.Constant(_fresh(names, f"{spectrum.name}_probe_a"), first.astype(dtype))],
+                    outputs=[hidden]),
+            gs.Node("MatMul", _fresh(names, f"{spectrum.name}_probe_b"),
+                    inputs=[hidden, gs.Constant(_fresh(names, f"{spectrum.name}_probe_b"), second.astype(dtype))],
+                    outputs=[low]),
+            gs.Node("Sub", _fresh(names, f"{spectrum.name}_probe_delta"), inputs=[low, dense], outputs=[moved]),
+            gs.Node("Gather", _fresh(names, f"{spectrum.name}_probe_pick"),
+                    inputs=[selector, gs.Constant(_fresh(names, f"{spectrum.name}_probe_index"), np.array(i, np.int64))],
+                    outputs=[scale]),
+            gs.Node("Mul", _fresh(names, f"{spectrum.name}_probe_mul"), inputs=[moved, scale], outputs=[scaled]),
+            gs.Node("Add", _fresh(names, f"{spectrum.name}_probe_add"), inputs=[dense, scaled], outputs=[y]),
+        ])
+    probe = export_graph(graph, original)
+    deviations = probe_deviations(probe, selector.name, len(probes), plan.data,
+                                  stop=min(plan.fit_stop, SENSITIVITY_SAMPLES), provider=context.options.provider)
+    return {spectrum.name: float(deviation / max(spectrum.errors[rank], 1e-12))
+            for (spectrum, _, rank), deviation in zip(probes, deviations)}
+
+
+def _fresh(names: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in names:
+        i += 1
+        name = f"{base}_{i}"
+    names.add(name)
+    return name
+
+
+def _time_ratio(speedup: float, model: onnx.ModelProto, plan: DataPlan, options, report: Report) -> float:
+    layers = {s.name for s in plan.spectra}
+    if plan.data is not None:
+        fraction = layer_time_fraction(model, layers, plan.data, provider=options.provider)
+        source = "ORT profile of the calibration samples"
+    else:
+        fraction, source = 1.0, "no calibration samples to profile: assumed"
+    ratio = flop_ratio_for_speedup(speedup, fraction)
+    report.notes.append(f"--target-speedup {speedup:g}: the candidate layers take {fraction:.0%} of the run time "
+                        f"({source}); Amdahl gives them {ratio:.2f} of their time, taken as their MACs")
+    if ratio <= 0:
+        report.notes.append(f"--target-speedup {speedup:g} is out of reach by decomposition alone (the rest of the "
+                            f"model takes {1 - fraction:.0%}); compressing as far as the layers allow")
+    return max(ratio, 0.0)
+
+
+def _note_allocation(plan: DataPlan, kind: str, ratio: float, report: Report) -> None:
+    allocation = plan.allocation
+    chosen = sum(rank is not None for rank in allocation.ranks.values())
+    achieved = allocation.cost_after / allocation.cost_before if allocation.cost_before else 1.0
+    verdict = "met" if allocation.met else "NOT met: every layer is at its lowest rank"
+    report.notes.append(f"rank allocation: {chosen} of {len(allocation.ranks)} layers factorized, {kind} of the "
+                        f"candidate layers {achieved:.2f} of dense (target {ratio:.2f}, {verdict}); predicted "
+                        f"output error {predicted_error(plan.spectra, allocation.ranks):.3f}")
+
+
+# --- after the first rewrite ---------------------------------------------------------------------
+
+def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
+           entries: list[PassEntry], report: Report, on_batch: Callable[[int], None] | None = None
+           ) -> onnx.ModelProto:
+    """Error correction, then the --max-error back-off, on the rewritten model."""
+    optimized, context = correct(plan, original, optimized, context, entries, report, on_batch)
+    return back_off(plan, original, optimized, context, entries, report)
+
+
+def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
+            entries: list[PassEntry], report: Report, on_batch: Callable[[int], None] | None = None
+            ) -> tuple[onnx.ModelProto, PassContext]:
+    """Refit every whitened layer to the original layer's output, on the inputs it sees in the
+    rewritten model (numerics.whitening.corrected_weight), at the same ranks, so that truncation
+    errors do not compound with depth. All layers are refitted from one pass over the rewritten
+    model; a layer's inputs then still carry its predecessors' pre-refit error (a Jacobi step
+    rather than a strictly layer-by-layer sweep, which would need one pass per layer)."""
+    options = context.options
+    if plan.data is None or not options.error_correction:
+        return optimized, context
+    whitened = {r.name for r in report.decomposed if r.method == "whitened-svd"}
+    specs = capture_specs(plan.normalized, options)
+    users = Counter(s.weight for s in specs)
+    specs = [s for s in specs if s.layer in whitened and users[s.weight] == 1]   # a shared weight has one factorization
+    if not specs:
+        return optimized, context
+    pairs = collect_cross_grams(plan.reference, optimized, specs, plan.data, stop=plan.fit_stop,
+                                provider=options.provider, on_batch=on_batch)
+    ranks = {r.name: (r.rank[0] if r.decomposed else None) for r in report.layers
+             if r.pass_name in {e.name for e in entries} and r.method in (None, "svd", "whitened-svd")}
+    corrected = dataclasses.replace(context, grams={**context.grams, **{k: g for k, (g, _) in pairs.items()}},
+                                    cross_grams={k: m for k, (_, m) in pairs.items()}, decompositions={})
+    model, records = rewrite(plan, original, corrected, entries, ranks)
+    _replace_records(report, records)
+    report.notes.append(f"error correction: {len(pairs)} layers refitted to the original outputs on the inputs "
+                        "they see in the compressed model")
+    return model, dataclasses.replace(corrected, ranks=ranks)
+
+
+# --- --max-error ---------------------------------------------------------------------------------
+
+def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
+             entries: list[PassEntry], report: Report) -> onnx.ModelProto:
+    """Check the rewritten model on the held-back samples; if its output error passes --max-error,
+    keep it, else bisect along the compression path (allocation steps, or the rank rule's layers
+    from least to most damaging) for the most compressed prefix within the bound.
+
+    Replaces report.layers / report.passes of `entries` with those of the model returned."""
+    bound = context.options.max_error
+    samples = plan.held_back()
+    if bound is None or not samples:
+        return optimized
+    error = _output_error(original, optimized, samples, context)
+    if error <= bound:
+        report.notes.append(f"--max-error {bound:g}: output error {error:.2e} on {_count(samples)} held-back samples")
+        return optimized
+    path = plan.allocation.steps if plan.allocation is not None else _rank_rule_path(report)
+    lo, hi = 0, len(path)          # prefix lo is within the bound (0: the original), prefix hi is not
+    best = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, report))
+        if _output_error(original, model, samples, context) <= bound:
+            lo, best = mid, (model, records)
+        else:
+            hi = mid
+    model, records = best or rewrite(plan, original, context, entries, _prefix_ranks(path, 0, report))
+    restored = {name for name, _ in path[lo:]} - {name for name, _ in path[:lo]}
+    for r in (r for pass_records in records.values() for r in pass_records):
+        if r.name in restored and not r.decomposed:
+            r.reason = f"restored by --max-error {bound:g}"
+    _replace_records(report, records)
+    report.notes.append(f"--max-error {bound:g}: the planned model's output error {error:.2e} on {_count(samples)} "
+                        f"held-back samples is over the bound; backed off to {lo} of {len(path)} compression "
+                        "steps, the most damaging per unit of cost undone first"
+                        + ("" if lo else ": no step fits the bound, nothing is decomposed"))
+    return model
+
+
+def rewrite(plan: DataPlan, original: onnx.ModelProto, context: PassContext, entries: list[PassEntry],
+            ranks: dict[str, int | None]) -> tuple[onnx.ModelProto, dict[str, list[LayerRecord]]]:
+    """The passes on a fresh copy of the normalized graph, with these ranks."""
+    graph = plan.normalized.copy()
+    fresh = dataclasses.replace(context, ranks=ranks, names=set(plan.names), factors={}, survey=None,
+                                on_layer=lambda name: None)
+    records = {entry.name: entry.run(graph, fresh).records for entry in entries}
+    return export_graph(graph, original), records
+
+
+def _replace_records(report: Report, records: dict[str, list[LayerRecord]]) -> None:
+    """The records of a rewrite take the place of the earlier rewrite's, pass by pass, in order."""
+    report.layers = [r for r in report.layers if r.pass_name not in records]
+    for name, pass_records in records.items():
+        report.layers.extend(pass_records)
+        report.passes[name] = sum(r.status != "skipped" for r in pass_records)
+
+
+def _rank_rule_path(report: Report) -> list[tuple[str, int]]:
+    done = [r for r in report.decomposed if r.method in ("svd", "whitened-svd")]
+    done.sort(key=lambda r: r.activation_error if r.activation_error is not None else (r.weight_error or 0.0))
+    return [(r.name, r.rank[0]) for r in done]
+
+
+def _prefix_ranks(path: list[tuple[str, int]], count: int, report: Report) -> dict[str, int | None]:
+    ranks: dict[str, int | None] = {r.name: None for r in report.layers if r.max_rank is not None}
+    ranks.update({name: None for name, _ in path})
+    for name, rank in path[:count]:
+        ranks[name] = rank
+    return ranks
+
+
+def _output_error(original: onnx.ModelProto, candidate: onnx.ModelProto, samples: list[dict],
+                  context: PassContext) -> float:
+    result = check_parity(original, candidate, tolerance=Tolerance(max_error=context.options.max_error),
+                          provider=context.options.provider, samples=samples)
+    return max(o.rel_l2_error for o in result.outputs)
+
+
+def _count(batches: list[dict]) -> int:
+    return sum(len(next(iter(b.values()))) for b in batches)
+
+
+def parity_samples(plan: DataPlan | None) -> list[dict] | None:
+    """Real inputs for the parity check when the user gave some: the held-back samples, else the
+    first calibration batch; None (generated inputs) without calibration data."""
+    if plan is None or plan.data is None:
+        return None
+    return plan.held_back() or list(itertools.islice(plan.data.batches(), 1))
+
+
+def analysis_shapes(options, model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Input shapes for shape inference and layer timing: --shape if given, else those of the
+    calibration samples with --batch of them (a layer timed at 16 tokens says little about one
+    served at 128), else none (resolve_shapes' defaults)."""
+    if options.shape or options.calibration is None:
+        return dict(options.shape)
+    initializers = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    data = load_calibration(options.calibration, names)
+    with np.load(data.files[0]) as arrays:
+        return {name: [options.batch, *arrays[name].shape[1:]] for name in names}
