@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .analyze import infer_output_shapes
+from .shapes import infer_output_shapes
 from .graph import import_graph
 from .io import load_model
 from .latency import DENSE, Form, latency_for

@@ -7,6 +7,8 @@ with only the graph changed, so the exported graph is put into a copy of the ori
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -170,3 +172,25 @@ def materialize(model: onnx.ModelProto) -> None:
         base = external_base(tensor)
         if base is not None:
             load_external_data_for_tensor(tensor, base)
+
+
+#: Ops of quantized graphs. Their weights are integers with scales: SVD of those is not what the
+#: graph computes, so such nodes are never candidates, and the report says they were seen.
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                           "ConvInteger", "QLinearMatMul", "QLinearConv", "MatMulNBits", "QGemm",
+                           "DynamicQuantizeMatMul", "QAttention"})
+
+
+def quantized_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type in QUANTIZED_OPS:
+                counts[node.op_type] += 1
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(sub)
+
+    visit(model.graph)
+    return dict(sorted(counts.items()))

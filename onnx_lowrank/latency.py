@@ -28,7 +28,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-DEFAULT_CACHE_DIR = Path("~/.cache/onnx-lowrank")
+from . import options, runtime
+
+DEFAULT_CACHE_DIR = Path(options.DEFAULT_CACHE_DIR)
 CACHE_FILE = "latency.json"
 _OPSET, _IR_VERSION = 17, 8      # ORT 1.31 refuses the IR 14 that onnx 1.23's make_model writes
 
@@ -158,10 +160,7 @@ def block_ms(run: Callable[[], object], settings: TimingSettings) -> float:
 
 
 def cache_key(provider: str, geometry: LayerGeometry, form: Form, threads: int | None = None) -> str:
-    try:
-        from onnxruntime import __version__ as ort_version
-    except ImportError:
-        ort_version = "none"
+    ort_version = runtime.ort_version()
     # the machine too: a home directory, and so the cache, may be shared between different hosts
     machine = f"{platform.machine()} x{os.cpu_count()}"
     return json.dumps({"provider": provider, "ort": ort_version, "machine": machine, "threads": threads,

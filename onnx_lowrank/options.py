@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,14 @@ from .errors import OptionError
 from .numerics.ranks import RankRule
 
 OPS = ("matmul", "gemm", "conv")
+DEFAULT_CACHE_DIR = "~/.cache/onnx-lowrank"
+CONV_METHODS = ("tucker2", "branched-tucker", "spatial-svd", "auto")
+
+
+def measure_default() -> bool:
+    """--measure is on unless ONNX_LOWRANK_MEASURE=0: test suites set that, as measured decisions
+    on tiny test layers depend on the machine's timings."""
+    return os.environ.get("ONNX_LOWRANK_MEASURE", "1").strip() not in ("0", "false", "no", "off")
 
 
 @dataclass
@@ -20,13 +29,31 @@ class Options:
     rank: int | None = None
     rank_ratio: float | None = None
     energy: float | None = None
-    rank_multiple: int = 8
+    rank_multiple: int | str = 8       # or "auto": the step found by measuring (8 under --no-measure)
     min_flop_reduction: float = 0.1
     # which nodes
     ops: tuple[str, ...] = OPS
     include: str | None = None
     exclude: str | None = None
     skip: tuple[str, ...] = ()           # pass names (onnx_lowrank.passes.PIPELINE) not to run
+    fuse_horizontal: bool = False        # off: no measurable gain on CPU ORT (benchmarks/bench_merge.py)
+    merge_across_activations: bool = False   # the paper's inexact bottleneck merge (passes/merge_linear.py)
+    # how convs are decomposed
+    conv_method: str = "tucker2"
+    branches: int = 4                    # groups of the branched-tucker core
+    # hardware-aware ranks: measure each candidate layer in ONNX Runtime (off: the FLOP model)
+    measure: bool = field(default_factory=measure_default)
+    cache_dir: str | None = DEFAULT_CACHE_DIR   # measured latencies; None: no cache
+    rank_search_floor: float = 0.75      # the rank search goes down to this fraction of the rule's rank
+    min_layer_speedup: float = 1.05      # measured dense / factorized latency a layer must reach
+    # data-aware path: calibration samples (.npz or a directory of them), and one global target
+    calibration: str | None = None
+    target_flops: float | None = None    # MACs of the candidate layers, as a fraction of their dense MACs
+    target_params: float | None = None   # parameters of the candidate layers, likewise
+    target_speedup: float | None = None  # whole-model speedup, through the FLOP model and measured layer times
+    # with calibration: refit the factorized layers on the compressed model's activations. Off by
+    # default: on MiniLM it did not beat plain whitening on unseen texts (benchmarks/README_minilm.md)
+    error_correction: bool = False
     # proof
     validate: bool = True
     max_error: float | None = None       # relative L2 output error; default implied by the rank rule
@@ -36,6 +63,7 @@ class Options:
     batch: int = 4
     seed: int = 0
     provider: str = "cpu"
+    bench: bool = False                  # time original vs optimized (bench.py) and put it in Report.bench
 
     def __post_init__(self) -> None:
         self.ops = normalize_ops(self.ops)
@@ -50,13 +78,39 @@ class Options:
             _check(0 < self.rank_ratio <= 1, f"--rank-ratio must be in (0, 1], got {self.rank_ratio}")
         if self.energy is not None:
             _check(0 < self.energy <= 1, f"--energy must be in (0, 1], got {self.energy}")
-        _check(int(self.rank_multiple) == self.rank_multiple and self.rank_multiple >= 1,
-               f"--rank-multiple must be a positive integer, got {self.rank_multiple}")
+        targets = [n for n in ("target_flops", "target_params", "target_speedup") if getattr(self, n) is not None]
+        if len(targets) > 1:
+            raise OptionError(f"choose one target, got {' and '.join('--' + n.replace('_', '-') for n in targets)}")
+        for name in ("target_flops", "target_params"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(0 < value < 1, f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
+        if self.target_speedup is not None:
+            _check(self.target_speedup > 1, f"--target-speedup must be > 1, got {self.target_speedup}")
+        if isinstance(self.rank_multiple, str) and self.rank_multiple.strip().lower() == "auto":
+            self.rank_multiple = "auto"
+        else:
+            try:
+                multiple = float(self.rank_multiple)
+            except (TypeError, ValueError):
+                multiple = 0
+            _check(multiple == int(multiple) and multiple >= 1,
+                   f"--rank-multiple must be a positive integer or auto, got {self.rank_multiple}")
+            self.rank_multiple = int(multiple)
+        _check(self.conv_method in CONV_METHODS,
+               f"--conv-method: unknown method {self.conv_method!r}; choose from {', '.join(CONV_METHODS)}")
+        _check(int(self.branches) == self.branches and self.branches >= 1,
+               f"--branches must be a positive integer, got {self.branches}")
+        _check(0 < self.rank_search_floor <= 1, f"--rank-search-floor must be in (0, 1], got {self.rank_search_floor}")
+        _check(self.min_layer_speedup > 0, f"--min-layer-speedup must be positive, got {self.min_layer_speedup}")
         _check(0 <= self.min_flop_reduction < 1,
                f"--min-flop-reduction must be in [0, 1), got {self.min_flop_reduction}")
         if self.max_error is not None:
             _check(self.max_error > 0, f"--max-error must be positive, got {self.max_error}")
         _check(int(self.batch) == self.batch and self.batch >= 1, f"--batch must be a positive integer, got {self.batch}")
+        _check(int(self.seed) == self.seed and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed}")
+        _check(not self.error_correction or self.calibration is not None,
+               "--error-correction refits layers on calibration samples: it needs --calibration")
         for pattern, flag in ((self.include, "--include"), (self.exclude, "--exclude")):
             if pattern is not None:
                 try:
@@ -73,6 +127,20 @@ class Options:
         if self.energy is not None:
             return RankRule("energy", self.energy)
         return RankRule("tolerance", self.tolerance)
+
+    @property
+    def rounding_multiple(self) -> int:
+        """The multiple ranks are rounded up to before any measuring; auto starts from 8."""
+        return 8 if self.rank_multiple == "auto" else int(self.rank_multiple)
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """("flops" | "params" | "speedup", value) of the global rank allocation, or None."""
+        for kind in ("flops", "params", "speedup"):
+            value = getattr(self, f"target_{kind}")
+            if value is not None:
+                return kind, value
+        return None
 
     def selects(self, node_name: str) -> bool:
         if self.include is not None and not re.search(self.include, node_name):
@@ -105,8 +173,9 @@ def parse_shapes(specs: list[str] | None) -> dict[str, list[int]]:
             values = [int(d) for d in dims.split(",")] if dims.strip() else []
         except ValueError:
             values = None
-        if not sep or not name or values is None or any(v < 0 for v in values):
-            raise OptionError(f"--shape {spec!r}: expected NAME:D1,D2,... with non-negative integers, e.g. input:1,3,224,224")
+        if not sep or not name or values is None or any(v < 1 for v in values):
+            # a zero dim makes empty outputs, which pass any comparison without testing anything
+            raise OptionError(f"--shape {spec!r}: expected NAME:D1,D2,... with positive integers, e.g. input:1,3,224,224")
         shapes[name] = values
     return shapes
 

@@ -23,11 +23,16 @@ class LayerRecord:
     break_even_rank: float | None = None
     max_rank: int | None = None      # largest rank that still meets --min-flop-reduction
     weight_error: float | None = None  # relative Frobenius error of the weight
+    activation_error: float | None = None  # ||XW - XW_r|| / ||XW|| on the calibration inputs
     params_before: int = 0
-    params_after: int = 0
+    params_after: int | None = None  # None (like macs_after) while the layer is left as it was: 0 would read "removed"
     macs_before: int | None = None   # per output position (row of a MatMul, pixel of a Conv)
     macs_after: int | None = None
     positions: int | None = None     # output positions per inference at the report's shapes
+    # measured in ONNX Runtime (--measure): one layer alone at its input shape, ms per run
+    latency_dense_ms: float | None = None
+    latency_factorized_ms: float | None = None
+    decision: str = ""               # what the measurements decided (rank search, kept dense), and why
 
     @property
     def decomposed(self) -> bool:
@@ -57,6 +62,10 @@ class OutputComparison:
     passed: bool
     top1_agreement: float | None = None
     shape_ok: bool = True
+    criterion: str = ""                    # the tolerance this output was judged by
+    bound: float | None = None             # its max_error, when judged by rel_l2
+    mismatched: int | None = None          # elements outside atol + rtol |y0|, when judged elementwise
+    reference_shape: list[int] | None = None   # set when the shapes differ
 
 
 @dataclass
@@ -67,6 +76,45 @@ class ParityResult:
     outputs: list[OutputComparison]
     samples: int
     input_shapes: dict[str, list[int]]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LatencyStats:
+    """One model's latency per run, from the mean run time of each block of runs."""
+
+    model: str
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    runs_per_block: int
+    blocks: int
+    throughput: float          # samples per second at the median (leading dim of the first input / latency)
+
+
+@dataclass
+class LayerTime:
+    """Kernel time per run of one original layer, its factorized nodes summed (ORT's profiler)."""
+
+    layer: str
+    ops: list[str]
+    ms: list[float | None]     # one per benchmarked model; None where that model has no such layer
+    decomposed: bool           # the last model computes this layer with factorized (_lowrank_) nodes
+
+
+@dataclass
+class BenchResult:
+    provider: str              # e.g. "cpu, ORT default threads"
+    input_shapes: dict[str, list[int]]
+    models: list[LatencyStats]
+    speedup: float | None = None        # median over blocks of latency(A) / latency(B)
+    speedup_p10: float | None = None
+    speedup_p90: float | None = None
+    speedup_ci_low: float | None = None    # 95% confidence interval of the median ratio
+    speedup_ci_high: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    profile: list[LayerTime] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -83,24 +131,30 @@ class Report:
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     parity: ParityResult | None = None
-    bench: dict[str, Any] | None = None
+    bench: BenchResult | None = None
 
     @property
     def decomposed(self) -> list[LayerRecord]:
         return [r for r in self.layers if r.decomposed]
 
     @property
+    def candidates(self) -> list[LayerRecord]:
+        """The layers a decompose pass considered. The normalize and merge passes' records (folded,
+        fused, merged) describe rewrites around those layers and are not counted as candidates."""
+        return [r for r in self.layers if r.pass_name.startswith("decompose_")]
+
+    @property
     def changed(self) -> bool:
         return any(self.passes.values())
 
     def totals(self) -> dict[str, Any]:
-        done = self.decomposed
-        macs = [(r.total_macs(False), r.total_macs(True)) for r in self.layers]
+        done, candidates = self.decomposed, self.candidates
+        macs = [(r.total_macs(False), r.total_macs(True)) for r in candidates]
         known = bool(macs) and all(b is not None for b, _ in macs)
         return {
-            "candidates": len(self.layers),
+            "candidates": len(candidates),
             "decomposed": len(done),
-            "skipped": len(self.layers) - len(done),
+            "skipped": len(candidates) - len(done),
             "params_before": self.params_before,
             "params_after": self.params_after,
             "size_before": self.size_before,
@@ -116,6 +170,11 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_json_default)
+
+
+def to_json(data: Any) -> str:
+    """Any report dataclass (Report, ParityResult, BenchResult) as indented JSON."""
+    return json.dumps(dataclasses.asdict(data), indent=2, default=_json_default)
 
 
 def _json_default(value: Any) -> Any:

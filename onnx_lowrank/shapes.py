@@ -1,4 +1,4 @@
-"""Analysis before rewriting: the model's inputs and the concrete output shape of every node at the
+"""Shapes before rewriting: the model's inputs and the concrete output shape of every node at the
 report's input shapes (for MAC totals). Best effort: a model shape inference cannot follow still
 gets optimized, its layers just report MACs per output position only."""
 
@@ -53,26 +53,3 @@ def infer_output_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], ba
             result[value.name] = [d.dim_value for d in dims]
     return result, notes
 
-
-#: Ops of quantized graphs. Their weights are integers with scales: SVD of those is not what the
-#: graph computes, so such nodes are never candidates, and the report says they were seen.
-QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-                           "ConvInteger", "QLinearMatMul", "QLinearConv", "MatMulNBits", "QGemm",
-                           "DynamicQuantizeMatMul", "QAttention"})
-
-
-def quantized_op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    from collections import Counter
-
-    counts: Counter[str] = Counter()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            if node.op_type in QUANTIZED_OPS:
-                counts[node.op_type] += 1
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    visit(sub)
-
-    visit(model.graph)
-    return dict(sorted(counts.items()))

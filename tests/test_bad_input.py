@@ -149,3 +149,36 @@ def test_byte_identical_output_on_two_runs(tmp_path, model_path):
     for name in ("a.onnx", "b.onnx"):
         assert main(["optimize", "-q", str(model_path), str(tmp_path / name)]) == 0
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_duplicate_node_names_are_refused(tmp_path, capsys):
+    model = model_from_text("""(float[N, 64] x) => (float[N, 96] y) {
+        [same] h = MatMul(x, W)
+        [same] y = Relu(h)
+    }""", W=W)
+    path = tmp_path / "dup.onnx"
+    onnx.save(model, path)
+    run_refused(capsys, ["optimize", str(path), str(tmp_path / "out.onnx")], "two nodes are named 'same'")
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--seed", "-1"], "--seed must be a non-negative integer"),
+    (["--shape", "x:0,64"], "positive integers"),
+    (["--error-correction"], "needs --calibration"),
+])
+def test_more_invalid_options(tmp_path, capsys, model_path, flags, expected):
+    run_refused(capsys, ["optimize", str(model_path), str(tmp_path / "out.onnx"), *flags], expected)
+
+
+@pytest.mark.parametrize("command", [
+    ["optimize", "{m}", "{out}", "--report", "{m}"],
+    ["optimize", "{m}", "{out}", "--report", "{out}"],
+    ["validate", "{m}", "{m}", "--json", "{m}"],
+    ["bench", "{m}", "--json", "{m}", "--blocks", "1"],
+    ["analyze", "{m}", "--json", "{m}"],
+])
+def test_a_report_never_overwrites_a_model(tmp_path, capsys, model_path, command):
+    before = _digest(model_path)
+    argv = [a.format(m=model_path, out=tmp_path / "out.onnx") for a in command]
+    run_refused(capsys, argv, "is a model of this command")
+    assert _digest(model_path) == before and not (tmp_path / "out.onnx").exists()

@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from ..errors import LowRankError, OptionError
-from . import optimize
+from . import analyze, bench, optimize, validate
 
 PROG = "onnx-lowrank"
-COMMANDS = [optimize]
+COMMANDS = [optimize, validate, bench, analyze]
 
 
 class Parser(argparse.ArgumentParser):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import OptionError
-from .common import add_layer_selection, int_arg, skip_list, write_text
+from ..options import DEFAULT_CACHE_DIR
+from .common import add_layer_selection, check_side_outputs, int_arg, skip_list, write_text
 
 
 def add_parser(sub) -> None:
@@ -20,8 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--measure", action="store_true", default=False,
                    help="also time each layer alone in ONNX Runtime, dense and factorized at those ranks")
-    p.add_argument("--cache-dir", default="~/.cache/onnx-lowrank", metavar="DIR",
-                   help="measured latencies are kept here (default ~/.cache/onnx-lowrank)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, metavar="DIR",
+                   help="measured latencies are kept here (default %(default)s)")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                    help="ONNX Runtime execution provider for --measure (default cpu)")
     sel = p.add_argument_group("which layers, at which shapes")
@@ -43,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise OptionError("--plot needs matplotlib: pip install 'onnx-lowrank[plot]'") from None
-        from ..io import check_output_path
-        check_output_path(args.plot, None, force=True)
+    check_side_outputs({"--plot": args.plot, "--json": args.json}, [args.input])
     options = Options(ops=args.ops, include=args.include, exclude=args.exclude,
                       skip=skip_list(args.skip), shape=parse_shapes(args.shape), batch=args.batch,
                       measure=args.measure, cache_dir=args.cache_dir, provider=args.provider, validate=False)

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import OptionError
-from .common import float_arg, int_arg, write_text
+from ..options import CONV_METHODS, DEFAULT_CACHE_DIR, measure_default
+from .common import add_layer_selection, check_side_outputs, float_arg, int_arg, skip_list, write_text
 
 #: The model `onnx-lowrank optimize` works on when given none: a low-rank MLP from models/.
 SAMPLE_MODEL = Path(__file__).resolve().parents[2] / "models" / "lowrank_mlp_small.onnx"
@@ -22,21 +23,61 @@ def add_parser(sub) -> None:
     rule = p.add_argument_group("rank rule (one of; default --tolerance 1e-3)")
     rule.add_argument("--tolerance", type=float_arg, default=1e-3, metavar="T",
                       help="smallest rank whose relative weight error is <= T (default 1e-3: near-lossless)")
-    rule.add_argument("--rank", type=int_arg, metavar="N", help="this rank for every layer")
+    rule.add_argument("--rank", type=int_arg, metavar="N", help="this rank for every layer (then rounded up to --rank-multiple, as every rule is)")
     rule.add_argument("--rank-ratio", type=float_arg, metavar="F", help="rank = F x min(K, N)")
     rule.add_argument("--energy", type=float_arg, metavar="F", help="keep fraction F of the squared singular values")
-    rule.add_argument("--rank-multiple", type=int_arg, default=8, metavar="M",
-                      help="round ranks up to a multiple of M, never past break-even (default 8)")
+    rule.add_argument("--rank-multiple", default=8, metavar="M|auto",
+                      help="round ranks up to a multiple of M, never past break-even, and step the measured rank "
+                           "search by M; auto: find the step by measuring (default 8)")
     rule.add_argument("--min-flop-reduction", type=float_arg, default=0.1, metavar="F",
                       help="decompose a layer only if it saves at least this fraction of its MACs (default 0.1)")
+    data = p.add_argument_group("data-aware compression")
+    data.add_argument("--calibration", metavar="FILE.npz|DIR",
+                      help="samples (keys = input names, leading axis = samples; or a directory of .npz): ranks and "
+                           "truncations minimise the error on these inputs (whitened SVD); --max-error is then checked "
+                           "on held-back samples and ranks are backed off until it holds")
+    data.add_argument("--error-correction", action="store_true",
+                      help="with --calibration, refit the factorized layers to the original outputs on the inputs "
+                           "they see in the compressed model (one more pass over the samples)")
+    target = data.add_mutually_exclusive_group()
+    target.add_argument("--target-flops", type=float_arg, metavar="F",
+                        help="choose all ranks together so the candidate layers keep F of their MACs")
+    target.add_argument("--target-params", type=float_arg, metavar="F",
+                        help="likewise for their parameters")
+    target.add_argument("--target-speedup", type=float_arg, metavar="S",
+                        help="likewise for a whole-model speedup S (Amdahl over the layers' profiled share of time)")
+    hw = p.add_argument_group("hardware-aware ranks (each candidate layer timed alone in ONNX Runtime)")
+    measure = hw.add_mutually_exclusive_group()
+    measure.add_argument("--measure", dest="measure", action="store_true", default=measure_default(),
+                         help="search ranks on measured latency and keep a layer dense unless measurably faster "
+                              "(default, unless ONNX_LOWRANK_MEASURE=0)")
+    measure.add_argument("--no-measure", dest="measure", action="store_false",
+                         help="decide by the FLOP model only: no timing, output independent of the machine")
+    hw.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, metavar="DIR",
+                    help="measured latencies are kept here, so a second run costs no timing (default %(default)s)")
+    hw.add_argument("--rank-search-floor", type=float_arg, default=0.75, metavar="F",
+                    help="search ranks from the rule's rank down to F x it (default 0.75)")
+    hw.add_argument("--min-layer-speedup", type=float_arg, default=1.05, metavar="S",
+                    help="keep a layer factorized only if it runs S x faster than the dense op (default 1.05)")
+    conv = p.add_argument_group("convolutions")
+    conv.add_argument("--conv-method", default="tucker2", choices=CONV_METHODS,
+                      help="k x k convs: Tucker-2, branched Tucker (grouped core), spatial SVD (kh x 1 then 1 x kw), "
+                           "or auto: the fastest of them per layer at the same error budget (default tucker2)")
+    conv.add_argument("--branches", type=int_arg, default=4, metavar="G",
+                      help="branches (core groups) of branched-tucker; ranks become multiples of G (default 4)")
     sel = p.add_argument_group("which layers")
-    sel.add_argument("--ops", default="matmul,gemm,conv", help="comma-separated subset of matmul,gemm,conv")
-    sel.add_argument("--include", metavar="REGEX", help="only nodes whose name matches")
-    sel.add_argument("--exclude", metavar="REGEX", help="skip nodes whose name matches")
-    sel.add_argument("--skip", default="", metavar="PASS[,PASS]", help="passes not to run (names as in the report)")
+    add_layer_selection(sel, "passes not to run (names as in the report)")
+    sel.add_argument("--fuse-horizontal", action="store_true",
+                     help="fuse MatMuls that read one input (e.g. Q/K/V first factors) into one MatMul + Split")
+    sel.add_argument("--merge-across-activations", action="store_true",
+                     help="merge a decomposed layer's outer factors into the dense neighbours across one "
+                          "activation (the paper's bottleneck merge): NOT exact, needs fine-tuning; the parity "
+                          "check measures the output error (accept it with --max-error)")
     chk = p.add_argument_group("proof")
     chk.add_argument("--no-validate", dest="validate", action="store_false",
                      help="skip the parity check in ONNX Runtime")
+    chk.add_argument("--bench", action="store_true",
+                     help="time the original against the result in ONNX Runtime (interleaved) and report the speedup")
     chk.add_argument("--max-error", type=float_arg, metavar="E",
                      help="parity passes if ||y - y0|| / ||y0|| <= E per output (default: implied by the rank rule)")
     chk.add_argument("--shape", action="append", metavar="NAME:D1,D2,...",
@@ -70,16 +111,25 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or Path(args.input).name.removesuffix(".onnx") + ".lowrank.onnx"
     options = Options(tolerance=args.tolerance, rank=args.rank, rank_ratio=args.rank_ratio, energy=args.energy,
                       rank_multiple=args.rank_multiple, min_flop_reduction=args.min_flop_reduction,
-                      ops=args.ops, include=args.include, exclude=args.exclude, skip=[s for s in args.skip.split(',') if s], validate=args.validate,
-                      max_error=args.max_error, shape=parse_shapes(args.shape), batch=args.batch, seed=args.seed)
-    if args.report:
-        check_output_path(args.report, None, force=True)
+                      ops=args.ops, include=args.include, exclude=args.exclude, skip=skip_list(args.skip),
+                      validate=args.validate,
+                      max_error=args.max_error, shape=parse_shapes(args.shape), batch=args.batch, seed=args.seed, bench=args.bench,
+                      calibration=args.calibration, target_flops=args.target_flops, target_params=args.target_params,
+                      target_speedup=args.target_speedup, error_correction=args.error_correction, measure=args.measure, cache_dir=args.cache_dir,
+                      rank_search_floor=args.rank_search_floor, min_layer_speedup=args.min_layer_speedup,
+                      conv_method=args.conv_method, branches=args.branches, fuse_horizontal=args.fuse_horizontal,
+                      merge_across_activations=args.merge_across_activations)
+    check_side_outputs({"--report": args.report}, [args.input, str(output)])
     output_path = check_output_path(output, args.input, args.force)
 
     bar = tqdm(desc="decomposing", unit=" layers", disable=args.quiet or None, leave=False, file=sys.stderr)
+    calibrating = tqdm(desc="calibrating", unit=" samples", disable=args.quiet or not args.calibration or None,
+                       leave=False, file=sys.stderr)
     try:
-        model, report = optimize(args.input, options, on_layer=lambda name: (bar.set_postfix_str(name[-40:]), bar.update()))
+        model, report = optimize(args.input, options, on_layer=lambda name: (bar.set_postfix_str(name[-40:]), bar.update()),
+                                 on_calibration=calibrating.update)
     finally:
+        calibrating.close()
         bar.close()
     if not args.quiet:
         print(render(report))
@@ -92,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     external = report.input_external_data if args.external_data is None else args.external_data
     save_model(model, output_path, external_data=external)
     verdict = "" if report.parity is None else f", parity {'PASSED' if report.parity.passed else 'FAILED'}"
+    if report.bench is not None:
+        verdict += f", speedup {report.bench.speedup:.2f}x"
     print(f"wrote {output_path} ({human_bytes(report.size_before)} -> {human_bytes(report.size_after)}, "
-          f"{len(report.decomposed)} of {len(report.layers)} layers decomposed{verdict})")
+          f"{len(report.decomposed)} of {len(report.candidates)} layers decomposed{verdict})")
     return 0 if report.parity is None or report.parity.passed else 1

@@ -16,7 +16,11 @@ from .base import PassContext, PassResult
 from .decompose_conv import decompose_conv
 from .decompose_gemm import decompose_gemm
 from .decompose_matmul import decompose_matmul
-from .fold_constant_weights import fold_constant_weights
+from .fold_batchnorm import fold_batchnorm
+from .fold_constant_weights import fold_constant_weights, restore_folded_weights
+from .fuse_horizontal import fuse_horizontal
+from .fuse_parallel import fuse_parallel
+from .merge_linear import merge_factors, merge_linear
 
 Pass = Callable[[gs.Graph, PassContext], PassResult]
 STAGES = ("normalize", "decompose", "merge")
@@ -32,9 +36,16 @@ class PassEntry:
 
 PIPELINE: list[PassEntry] = [
     PassEntry("fold_constant_weights", fold_constant_weights, "normalize"),
+    # exact rewrites that hand the decompose passes the weights actually applied; --skip NAME turns one off
+    PassEntry("fold_batchnorm", fold_batchnorm, "normalize"),
+    PassEntry("fuse_parallel", fuse_parallel, "normalize"),
+    PassEntry("merge_linear", merge_linear, "normalize"),
     PassEntry("decompose_matmul", decompose_matmul, "decompose", lambda o: "matmul" in o.ops),
     PassEntry("decompose_gemm", decompose_gemm, "decompose", lambda o: "gemm" in o.ops),
     PassEntry("decompose_conv", decompose_conv, "decompose", lambda o: "conv" in o.ops),
+    PassEntry("merge_factors", merge_factors, "merge"),
+    PassEntry("fuse_horizontal", fuse_horizontal, "merge", lambda o: o.fuse_horizontal),
+    PassEntry("restore_folded_weights", restore_folded_weights, "merge"),
 ]
 
 

@@ -22,7 +22,7 @@ from functools import cached_property
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import PassContext, layer_name, new_name
+from .base import PassContext, factor_constant, layer_name, new_name
 
 MATRIX, CONV = "matrix", "conv"
 LINEAR = ("MatMul", "Gemm", "Conv")
@@ -421,29 +421,29 @@ def write_affine(graph: gs.Graph, context: PassContext, affine: Affine, x: gs.Te
     template.domain = None
     nodes = [template]
     if affine.kind == CONV:
-        weight = _constant(context, f"{name}_weight", affine.weight, dtype)
+        weight = factor_constant(context, f"{name}_weight", affine.weight, dtype)
         template.op = "Conv"
         template.attrs = {**affine.geometry, "kernel_shape": list(affine.weight.shape[2:])}
-        bias = [] if affine.bias is None else [_constant(context, f"{name}_bias", affine.bias, dtype)]
+        bias = [] if affine.bias is None else [factor_constant(context, f"{name}_bias", affine.bias, dtype)]
         template.inputs = [x, weight, *bias]
         template.outputs = [y]
     elif gemm:
         stored = affine.weight.T if trans_b else affine.weight
         template.op = "Gemm"
         template.attrs = {"transB": 1} if trans_b else {}
-        bias = [] if affine.bias is None else [_constant(context, f"{name}_bias", affine.bias, dtype)]
-        template.inputs = [x, _constant(context, f"{name}_weight", stored, dtype), *bias]
+        bias = [] if affine.bias is None else [factor_constant(context, f"{name}_bias", affine.bias, dtype)]
+        template.inputs = [x, factor_constant(context, f"{name}_weight", stored, dtype), *bias]
         template.outputs = [y]
     else:
         template.op = "MatMul"
-        template.inputs = [x, _constant(context, f"{name}_weight", affine.weight, dtype)]
+        template.inputs = [x, factor_constant(context, f"{name}_weight", affine.weight, dtype)]
         if affine.bias is None:
             template.outputs = [y]
         else:
             hidden = gs.Variable(new_name(context, f"{name}_output"), dtype=y.dtype)
             template.outputs = [hidden]
             add_node = gs.Node("Add", new_name(context, f"{name}_bias_add"),
-                               inputs=[hidden, _constant(context, f"{name}_bias", affine.bias, dtype)], outputs=[y])
+                               inputs=[hidden, factor_constant(context, f"{name}_bias", affine.bias, dtype)], outputs=[y])
             graph.nodes.append(add_node)
             nodes.append(add_node)
     return nodes
@@ -454,7 +454,3 @@ def detach(nodes: list[gs.Node]) -> None:
     for node in nodes:
         node.inputs.clear()
         node.outputs.clear()
-
-
-def _constant(context: PassContext, base: str, values: np.ndarray, dtype: np.dtype) -> gs.Constant:
-    return gs.Constant(new_name(context, base), np.ascontiguousarray(values.astype(dtype)))

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..options import Options
 from ..report import LayerRecord, PassResult
 
-__all__ = ["PassContext", "PassResult", "LayerRecord", "constant_weight", "layer_name", "new_name",
+__all__ = ["PassContext", "PassResult", "LayerRecord", "apply_to_nodes", "constant_weight", "layer_name", "new_name",
            "output_positions", "walk_graphs"]
 
 
@@ -27,11 +28,37 @@ class PassContext:
     names: set[str] = field(default_factory=set)
     # (weight tensor name, method, ranks) -> factor constants, so a shared weight is factorized once
     factors: dict[tuple, tuple[gs.Constant, ...]] = field(default_factory=dict)
+    # data-aware path (onnx_lowrank.calibration): layer -> Gram X^T X of its input rows [k, k]
+    grams: dict[str, np.ndarray] = field(default_factory=dict)
+    # layer -> rank chosen by global allocation (rank_allocation.py); None keeps the layer dense.
+    # Layers not in it follow the rank rule.
+    ranks: dict[str, int | None] = field(default_factory=dict)
+    # layer -> X~^T X, its inputs in the compressed model against those in the original: the matrix
+    # passes then truncate the error-correcting weight (numerics.whitening.corrected_weight)
+    cross_grams: dict[str, np.ndarray] = field(default_factory=dict)
+    # when a dict, the matrix passes only measure: each layer's spectrum goes here, nothing is rewritten
+    survey: dict[str, object] | None = None
+    # layer -> its (whitened) SVD, so a survey and the rewrite after it factorize once
+    decompositions: dict[str, object] = field(default_factory=dict)
+    # id(tensor) -> how fold_constant_weights made it a constant, so a layer left dense gets it back
+    folds: dict[int, object] = field(default_factory=dict)
+    # latency(geometry, form) -> ms of one layer in ONNX Runtime (onnx_lowrank.latency), filled by the
+    # pipeline when --measure is on; None: ranks and dense-vs-factorized come from the FLOP model
+    latency: Callable[..., float] | None = None
 
 
 def walk_graphs(graph: gs.Graph) -> list[gs.Graph]:
     """The graph and every subgraph (If / Loop / Scan bodies), outer first."""
     return [graph, *graph.subgraphs(recursive=True)]
+
+
+def apply_to_nodes(graph: gs.Graph, context: PassContext,
+                   rule: Callable[[gs.Graph, gs.Node, PassContext], LayerRecord | None]) -> PassResult:
+    """A pass made of one node rule: `rule(graph, node, context)` on every node of the graph and its
+    subgraphs, in order, returning a record for each node it considered (None: not a candidate)."""
+    records = [record for g in walk_graphs(graph) for node in list(g.nodes)
+               if (record := rule(g, node, context)) is not None]
+    return PassResult(any(r.status != "skipped" for r in records), records)
 
 
 def constant_weight(node: gs.Node, index: int, ndim: int | None = None) -> gs.Constant | None:
@@ -43,6 +70,24 @@ def constant_weight(node: gs.Node, index: int, ndim: int | None = None) -> gs.Co
     if ndim is not None and len(tensor.shape) != ndim:
         return None
     return tensor
+
+
+#: Weight types decomposed (in float64, written back in the same type). bfloat16 is not among them:
+#: onnx-graphsurgeon reads it as float32 and would export it so, changing the model's types.
+DECOMPOSABLE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def weight_type_problem(weight: gs.Constant) -> str | None:
+    """Why this weight's element type cannot be decomposed, or None. Reads the type from the
+    TensorProto when the values are still lazy, so a refused weight is never loaded or converted."""
+    values = weight._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        elem_type = values.tensor.data_type
+    else:
+        elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(values).dtype)
+    if elem_type in DECOMPOSABLE_TYPES:
+        return None
+    return f"{onnx.TensorProto.DataType.Name(elem_type).lower()} weight: only float32, float16 and float64 are decomposed"
 
 
 def layer_name(node: gs.Node) -> str:

@@ -5,6 +5,8 @@
     k x k, W [O, I, k..] ~= core x_0 U_out x_1 U_in (Tucker-2 on the channel modes):
         Conv 1x1 I -> r_in (U_in^T)  ->  Conv k x k r_in -> r_out (core; original strides, pads,
         dilations, auto_pad)  ->  Conv 1x1 r_out -> O (U_out, bias)
+    or, by --conv-method (passes/_conv_forms.py), a branched Tucker chain whose core is a grouped
+    conv, or a spatial SVD: Conv kh x 1 I -> r  ->  Conv 1 x kw r -> O (bias)
 
 Padding a 1x1 conv pads with zeros that a bias-free 1x1 keeps at zero, so moving the pads to the
 first factor and the bias to the last is exact. Grouped and depthwise convs are left alone.
@@ -14,26 +16,20 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..numerics import ranks as R
-from ..numerics.tucker import channel_bases, relative_error, tucker2, tucker2_reconstruct
-from ..rank_choice import choose_tucker2_ranks
-from ._matrix import factorize_matrix, shared_constants
-from .base import LayerRecord, PassContext, PassResult, constant_weight, layer_name, new_name, output_positions, walk_graphs
+from ._conv_forms import plan_conv
+from ._geometry import conv_geometry
+from ._matrix import factorize_matrix, record_measurement, shared_constants
+from .base import (LayerRecord, PassContext, PassResult, apply_to_nodes, constant_weight, layer_name, new_name,
+                   output_positions, weight_type_problem)
 
 NAME = "decompose_conv"
 
 
 def decompose_conv(graph: gs.Graph, context: PassContext) -> PassResult:
-    records = []
-    for g in walk_graphs(graph):
-        for node in list(g.nodes):
-            record = _rewrite(g, node, context)
-            if record is not None:
-                records.append(record)
-    return PassResult(any(r.decomposed for r in records), records)
+    return apply_to_nodes(graph, context, _rewrite)
 
 
 def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:
@@ -54,10 +50,13 @@ def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecor
     if not context.options.selects(name):
         record.reason = "excluded by --include/--exclude"
         return record
+    if problem := weight_type_problem(weight):
+        record.reason = problem
+        return record
     if all(d == 1 for d in weight.shape[2:]):
         _rewrite_1x1(graph, node, weight, record, context)
     else:
-        _rewrite_tucker2(graph, node, weight, record, context)
+        _rewrite_kxk(graph, node, weight, record, context)
     return record
 
 
@@ -65,7 +64,8 @@ def _rewrite_1x1(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
                  context: PassContext) -> None:
     w = weight.values
     out_ch, in_ch = w.shape[:2]
-    factors = factorize_matrix(context, weight, w.reshape(out_ch, in_ch), record)
+    factors = factorize_matrix(context, weight, w.reshape(out_ch, in_ch), record, input_axis=1,
+                               geometry=conv_geometry(context, node, w.shape))
     if factors is None:
         return
     rank = record.rank[0]
@@ -80,39 +80,34 @@ def _rewrite_1x1(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
     ])
 
 
-def _rewrite_tucker2(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: LayerRecord,
-                     context: PassContext) -> None:
+def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: LayerRecord,
+                 context: PassContext) -> None:
     w = weight.values
     out_ch, in_ch, *kernel_dims = w.shape
-    kernel = math.prod(kernel_dims)
     stride = math.prod(node.attrs.get("strides", [1] * len(kernel_dims)))
-    bases = channel_bases(w)
-    decision = choose_tucker2_ranks(bases[0].s, bases[1].s, out_ch, in_ch, kernel, stride, context.options)
-    record.break_even_rank = decision.break_even_rank
-    record.max_rank = decision.max_rank
     record.params_before = w.size
-    record.macs_before = R.tucker2_macs(out_ch, in_ch, kernel, stride)
-    if decision.ranks is None:
-        record.reason = decision.reason
+    record.macs_before = R.tucker2_macs(out_ch, in_ch, math.prod(kernel_dims), stride)
+    plan, refusals, tucker2 = plan_conv(context, node, w, conv_geometry(context, node, w.shape))
+    record.break_even_rank, record.max_rank = tucker2.break_even_rank, tucker2.max_rank
+    if plan is None:
+        measured = next((r.measured for r in refusals if r.measured is not None), None)
+        if measured is not None:
+            record_measurement(record, measured)
+        record.reason = (refusals[0].reason if len(refusals) == 1
+                         else "; ".join(f"{r.method}: {r.reason}" for r in refusals))
         return
-    r_out, r_in = decision.ranks
-    u_out, core, u_in = tucker2(w, r_out, r_in, bases)
-    record.status, record.method, record.rank = "decomposed", "tucker2", [r_out, r_in]
-    record.weight_error = relative_error(w, tucker2_reconstruct(u_out, core, u_in))
-    record.params_after = u_out.size + core.size + u_in.size
-    record.macs_after = R.tucker2_macs(out_ch, in_ch, kernel, stride, r_out, r_in)
-    ones = (1,) * len(kernel_dims)
+    record.status, record.method, record.rank = "decomposed", plan.method, list(plan.ranks)
+    record.weight_error = plan.weight_error
+    record.params_after, record.macs_after = plan.params, plan.macs
+    if plan.measured is not None:
+        record_measurement(record, plan.measured)
+    if plan.alternatives:
+        record.reason = "chosen over " + "; ".join(plan.alternatives)
     dtype = w.dtype
-    consts = shared_constants(context, weight, ("tucker2", r_out, r_in), {
-        "in": np.ascontiguousarray(u_in.T).reshape(r_in, in_ch, *ones).astype(dtype),
-        "core": core.astype(dtype),
-        "out": u_out.reshape(out_ch, r_out, *ones).astype(dtype)})
-    core_attrs = {k: v for k, v in node.attrs.items() if k != "group"}
-    _replace_with_chain(graph, node, context, [
-        ("in", consts["in"], {}),
-        ("core", consts["core"], core_attrs),
-        ("out", consts["out"], {}),
-    ])
+    stages = plan.stages()
+    consts = shared_constants(context, weight, (plan.method, plan.branches, *plan.ranks),
+                              {stage.suffix: stage.weight.astype(dtype) for stage in stages})
+    _replace_with_chain(graph, node, context, [(s.suffix, consts[s.suffix], s.attrs) for s in stages])
 
 
 def _replace_with_chain(graph: gs.Graph, node: gs.Node, context: PassContext,

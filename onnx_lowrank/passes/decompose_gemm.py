@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
+from ._geometry import matmul_geometry
 from ._matrix import factorize_matrix, shared_constants
-from .base import LayerRecord, PassContext, PassResult, constant_weight, layer_name, new_name, output_positions, walk_graphs
+from .base import (LayerRecord, PassContext, PassResult, apply_to_nodes, constant_weight, layer_name, new_name,
+                   output_positions, weight_type_problem)
 
 NAME = "decompose_gemm"
+DEFAULT_OPSET = 11   # a model without a default-domain opset import
 
 
 def decompose_gemm(graph: gs.Graph, context: PassContext) -> PassResult:
-    records = []
-    for g in walk_graphs(graph):
-        for node in list(g.nodes):
-            record = _rewrite(g, node, context)
-            if record is not None:
-                records.append(record)
-    return PassResult(any(r.decomposed for r in records), records)
+    return apply_to_nodes(graph, context, _rewrite)
 
 
 def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:
@@ -46,21 +44,29 @@ def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecor
     if not context.options.selects(name):
         record.reason = "excluded by --include/--exclude"
         return record
+    if problem := weight_type_problem(weight):
+        record.reason = problem
+        return record
     w = weight.values.T if trans_b else weight.values   # [K, N] as applied
-    factors = factorize_matrix(context, weight, w, record)
+    geometry = matmul_geometry(context, node.inputs[0], *w.shape, transposed_input=bool(trans_a))
+    factors = factorize_matrix(context, weight, w, record, geometry=geometry)
     if factors is None:
         return record
     u, v = factors.first, factors.second
     rank = record.rank[0]
-    consts = shared_constants(context, weight, ("gemm", trans_b, rank),
-                              {"u": u.T if trans_b else u, "v": v.T if trans_b else v})
+    # before opset 11 Gemm requires C: the first factor is then a MatMul, or a Gemm with a zero C
+    c_optional = (graph.opset or DEFAULT_OPSET) >= 11
+    u_trans = trans_b and c_optional
+    consts = shared_constants(context, weight, ("gemm", u_trans, trans_b, rank),
+                              {"u": u.T if u_trans else u, "v": v.T if trans_b else v})
     a, y = node.inputs[0], node.outputs[0]
     hidden = gs.Variable(new_name(context, f"{name}_lowrank_hidden"), dtype=y.dtype)
     first_name = new_name(context, f"{name}_lowrank_u")
     if trans_a:
-        first = gs.Node("Gemm", first_name, attrs={"transA": 1, "transB": trans_b},
-                        inputs=[a, consts["u"]], outputs=[hidden])
-    elif trans_b:
+        zero = [] if c_optional else [gs.Constant(new_name(context, f"{name}_lowrank_zero"), np.zeros((), u.dtype))]
+        first = gs.Node("Gemm", first_name, attrs={"transA": 1, "transB": int(u_trans)},
+                        inputs=[a, consts["u"], *zero], outputs=[hidden])
+    elif u_trans:
         first = gs.Node("Gemm", first_name, attrs={"transB": 1}, inputs=[a, consts["u"]], outputs=[hidden])
     else:
         first = gs.Node("MatMul", first_name, inputs=[a, consts["u"]], outputs=[hidden])

@@ -12,20 +12,16 @@ import math
 
 import onnx_graphsurgeon as gs
 
+from ._geometry import matmul_geometry
 from ._matrix import factorize_matrix, shared_constants
-from .base import LayerRecord, PassContext, PassResult, constant_weight, layer_name, new_name, output_positions, walk_graphs
+from .base import (LayerRecord, PassContext, PassResult, apply_to_nodes, constant_weight, layer_name, new_name,
+                   output_positions, weight_type_problem)
 
 NAME = "decompose_matmul"
 
 
 def decompose_matmul(graph: gs.Graph, context: PassContext) -> PassResult:
-    records = []
-    for g in walk_graphs(graph):
-        for node in list(g.nodes):
-            record = _rewrite(g, node, context)
-            if record is not None:
-                records.append(record)
-    return PassResult(any(r.decomposed for r in records), records)
+    return apply_to_nodes(graph, context, _rewrite)
 
 
 def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:
@@ -44,8 +40,12 @@ def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecor
     if not context.options.selects(name):
         record.reason = "excluded by --include/--exclude"
         return record
+    if problem := weight_type_problem(weight):
+        record.reason = problem
+        return record
     w = weight.values
-    factors = factorize_matrix(context, weight, w, record)
+    geometry = matmul_geometry(context, node.inputs[int(weight_first)], *w.shape, weight_first=weight_first)
+    factors = factorize_matrix(context, weight, w, record, input_axis=int(weight_first), geometry=geometry)
     if factors is None:
         return record
     rank = record.rank[0]

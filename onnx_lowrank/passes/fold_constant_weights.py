@@ -9,6 +9,8 @@ slot: shape constants and everything else are left exactly as the exporter wrote
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -35,13 +37,56 @@ def fold_constant_weights(graph: gs.Graph, context: PassContext) -> PassResult:
                     continue
                 if not _feeds_weight_slots_only(node.outputs[0]):
                     continue
-                node.outputs[0].to_constant(value)
+                tensor = node.outputs[0]
+                context.folds[id(tensor)] = _Fold(g, node.op, node.name, dict(node.attrs), node.domain,
+                                                  list(node.inputs), value, tensor.dtype, tensor.shape)
+                tensor.to_constant(value)
                 node.outputs.clear()
                 node.inputs.clear()
                 progress = changed = True
     if changed:
         graph.cleanup()
     return PassResult(changed, [])
+
+
+def restore_folded_weights(graph: gs.Graph, context: PassContext) -> PassResult:
+    """Put back the chains whose folded weight no pass rewrote: a layer left dense keeps its weight
+    exactly as the exporter stored it (a float16 weight stays float16 behind its Cast), so only the
+    layers that were decomposed change."""
+    restored = False
+    for g in walk_graphs(graph):
+        for tensor in list(g.tensors().values()):
+            fold = context.folds.get(id(tensor))
+            # still read by a node, and still the folded value (a pass that changed it keeps it)
+            if fold is not None and tensor.outputs and getattr(tensor, "_values", None) is fold.value:
+                _restore(tensor, context)
+                restored = True
+        if restored:
+            g.toposort()
+    return PassResult(False, [])
+
+
+@dataclass
+class _Fold:
+    graph: gs.Graph
+    op: str
+    name: str
+    attrs: dict
+    domain: str | None
+    inputs: list
+    value: object
+    dtype: object
+    shape: object
+
+
+def _restore(tensor: gs.Tensor, context: PassContext) -> None:
+    fold = context.folds.pop(id(tensor))
+    for source in fold.inputs:
+        if id(source) in context.folds:
+            _restore(source, context)
+    tensor.to_variable(dtype=fold.dtype, shape=fold.shape)
+    fold.graph.nodes.append(gs.Node(fold.op, fold.name, fold.attrs, inputs=fold.inputs, outputs=[tensor],
+                                    domain=fold.domain))
 
 
 def _feeds_weight_slots_only(tensor: gs.Tensor) -> bool:

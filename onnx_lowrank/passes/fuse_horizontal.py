@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import LayerRecord, PassContext, PassResult, new_name, walk_graphs
+from .base import LayerRecord, PassContext, PassResult, layer_name, new_name, walk_graphs
 
 NAME = "fuse_horizontal"
 #: opset 13 moved Split's sizes from an attribute to an input
@@ -54,7 +54,7 @@ def _matmuls_reading(x: gs.Tensor, context: PassContext) -> list[gs.Node]:
             continue
         if group and (w.dtype != group[0].inputs[1].dtype or w.shape[0] != group[0].inputs[1].shape[0]):
             continue
-        if context.options.selects(node.name or node.outputs[0].name):
+        if context.options.selects(layer_name(node)):
             group.append(node)
     return group
 
