@@ -67,6 +67,7 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
         return None
     model = export_graph(graph.copy(), original)
     plan = DataPlan(graph.copy(), set(context.names), model)
+    context.decompositions = {}   # the survey, the allocation and the back-off reuse each layer's SVD
     if options.calibration is not None:
         inputs = [t.name for t in graph.inputs]
         plan.data = load_calibration(options.calibration, inputs)

@@ -42,10 +42,10 @@ def factorize_matrix(context: PassContext, weight: gs.Constant, w: np.ndarray, r
     """
     k, n = w.shape
     name = record.name
-    if name not in context.decompositions:
-        context.decompositions[name] = _decompose(w, context.grams.get(name), input_axis,
-                                                  context.cross_grams.get(name))
-    decomposition = context.decompositions[name]
+    cache = context.decompositions if context.decompositions is not None else {}
+    if name not in cache:
+        cache[name] = _decompose(w, context.grams.get(name), input_axis, context.cross_grams.get(name))
+    decomposition = cache[name]
     decision = choose_matrix_rank(decomposition.s, k, n, context.options)
     record.break_even_rank = round(decision.break_even_rank, 2)
     record.max_rank = decision.max_rank

@@ -39,7 +39,9 @@ class PassContext:
     # when a dict, the matrix passes only measure: each layer's spectrum goes here, nothing is rewritten
     survey: dict[str, object] | None = None
     # layer -> its (whitened) SVD, so a survey and the rewrite after it factorize once
-    decompositions: dict[str, object] = field(default_factory=dict)
+    # layer name -> its SVD, kept only when the data-aware path revisits layers (None: not kept, so
+    # a plain run holds one layer's SVD at a time)
+    decompositions: dict[str, object] | None = None
     # id(tensor) -> how fold_constant_weights made it a constant, so a layer left dense gets it back
     folds: dict[int, object] = field(default_factory=dict)
     # latency(geometry, form) -> ms of one layer in ONNX Runtime (onnx_lowrank.latency), filled by the
