@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from ..errors import OptionError
 from ..options import CONV_METHODS, DEFAULT_CACHE_DIR, measure_default
+from ..runtime import PROVIDERS
 from .common import add_layer_selection, check_side_outputs, float_arg, int_arg, skip_list, write_text
 
 #: The model `onnx-lowrank optimize` works on when given none: a low-rank MLP from models/.
@@ -76,6 +78,8 @@ def add_parser(sub) -> None:
     chk = p.add_argument_group("proof")
     chk.add_argument("--no-validate", dest="validate", action="store_false",
                      help="skip the parity check in ONNX Runtime")
+    chk.add_argument("--provider", choices=list(PROVIDERS), default="cpu",
+                     help="ONNX Runtime execution provider of the parity check and --bench (default cpu)")
     chk.add_argument("--bench", action="store_true",
                      help="time the original against the result in ONNX Runtime (interleaved) and report the speedup")
     chk.add_argument("--max-error", type=float_arg, metavar="E",
@@ -109,16 +113,9 @@ def run(args: argparse.Namespace) -> int:
             raise OptionError("no input model given, and the bundled sample is not available: pass INPUT OUTPUT")
         args.input = str(SAMPLE_MODEL)
     output = args.output or Path(args.input).name.removesuffix(".onnx") + ".lowrank.onnx"
-    options = Options(tolerance=args.tolerance, rank=args.rank, rank_ratio=args.rank_ratio, energy=args.energy,
-                      rank_multiple=args.rank_multiple, min_flop_reduction=args.min_flop_reduction,
-                      ops=args.ops, include=args.include, exclude=args.exclude, skip=skip_list(args.skip),
-                      validate=args.validate,
-                      max_error=args.max_error, shape=parse_shapes(args.shape), batch=args.batch, seed=args.seed, bench=args.bench,
-                      calibration=args.calibration, target_flops=args.target_flops, target_params=args.target_params,
-                      target_speedup=args.target_speedup, error_correction=args.error_correction, measure=args.measure, cache_dir=args.cache_dir,
-                      rank_search_floor=args.rank_search_floor, min_layer_speedup=args.min_layer_speedup,
-                      conv_method=args.conv_method, branches=args.branches, fuse_horizontal=args.fuse_horizontal,
-                      merge_across_activations=args.merge_across_activations)
+    # every flag that names an Options field sets it: the CLI and the Python API share one vocabulary
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if hasattr(args, f.name)}
+    options = Options(**{**values, "skip": skip_list(args.skip), "shape": parse_shapes(args.shape)})
     check_side_outputs({"--report": args.report}, [args.input, str(output)])
     output_path = check_output_path(output, args.input, args.force)
 
