@@ -188,14 +188,15 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
 def _profile(models: Sequence[onnx.ModelProto | str], config: runtime.SessionConfig, feeds: dict[str, Any],
              runs: int) -> list[dict[str, profiling.LayerProfile]]:
     """Kernel times per layer, from separate profiled sessions (the profiler's own overhead stays out
-    of the timed figures) run alternately, so that drift hits every model's profile alike."""
+    of the timed figures). Each model's runs are back to back, as in a timed block: alternating
+    single runs would leave every run with the other model's weights in cache."""
     graphs = [(m if isinstance(m, onnx.ModelProto) else onnx.load(str(m), load_external_data=False)).graph
               for m in models]
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-profile-") as tmp:
         sessions = [runtime.make_session(model, replace(config, profile_prefix=str(Path(tmp) / f"trace{i}")))
                     for i, model in enumerate(models)]
-        for _ in range(runs + 1):
-            for session in sessions:
+        for session in sessions:
+            for _ in range(runs + 1):
                 runtime.run(session, feeds)
         traces = [json.loads(runtime.end_profiling(session).read_text()) for session in sessions]
     return [profiling.layer_profile(events, graph, skip_runs=1) for events, graph in zip(traces, graphs)]
