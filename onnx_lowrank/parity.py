@@ -51,8 +51,15 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
     samples = list(samples)
     input_shapes = {name: list(np.shape(value)) for name, value in samples[0].items()}
     cand_order = [o.name for o in cand_session.get_outputs()]
-    ref_outputs = [runtime.run(ref_session, feed) for feed in samples]
-    cand_outputs = [dict(zip(cand_order, runtime.run(cand_session, feed))) for feed in samples]
+    try:
+        ref_outputs = [runtime.run(ref_session, feed) for feed in samples]
+        cand_outputs = [dict(zip(cand_order, runtime.run(cand_session, feed))) for feed in samples]
+    except InferenceError as exc:
+        filled = [n for n in notes if n.startswith("input '")]
+        if not filled:
+            raise
+        # a dynamic dim we filled in is the likeliest cause: say which, and how to set it
+        raise InferenceError(f"{exc} (generated inputs: {'; '.join(filled)}; set them with --shape NAME:D1,D2,...)") from None
     outputs = [compare_output(name,
                               _stack([out[i] for out in ref_outputs]),
                               _stack([out[name] for out in cand_outputs]), per_output.get(name, tolerance))

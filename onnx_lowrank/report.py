@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,12 +170,12 @@ class Report:
         return data
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_json_default)
+        return json.dumps(_finite(self.to_dict()), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
 
 
 def to_json(data: Any) -> str:
     """Any report dataclass (Report, ParityResult, BenchResult) as indented JSON."""
-    return json.dumps(dataclasses.asdict(data), indent=2, default=_json_default)
+    return json.dumps(_finite(dataclasses.asdict(data)), indent=2, default=_json_default, allow_nan=False)
 
 
 def _json_default(value: Any) -> Any:
@@ -183,3 +184,17 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _finite(value: Any) -> Any:
+    """Infinity and NaN (a relative error against a zero reference) are not JSON: strict parsers
+    refuse Python's extension. They become null; the text views print them as they are."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):   # numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -120,7 +120,7 @@ def provider_chain(config: SessionConfig) -> list[tuple[str, dict[str, Any]]]:
 def session_options(config: SessionConfig):
     rt = ort()
     options = rt.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4   # fatal only: errors reach the user as our one line, not ORT's log
     options.graph_optimization_level = (rt.GraphOptimizationLevel.ORT_ENABLE_ALL if config.optimize
                                          else rt.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if config.threads:

@@ -28,6 +28,11 @@ def matmul_geometry(context: PassContext, x: gs.Tensor, k: int, n: int, weight_f
         return None
     if transposed_input:
         shape = shape[::-1]
+    # the weight fixes the contracted dim; a dynamic one filled in by a guess may disagree
+    if weight_first and len(shape) >= 2:
+        shape = (*shape[:-2], n, shape[-1])
+    elif not weight_first:
+        shape = (*shape[:-1], k)
     return LayerGeometry("matmul", shape, (k, n), weight_first=weight_first)
 
 
