@@ -102,6 +102,18 @@ def output_errors(original: onnx.ModelProto, optimized: onnx.ModelProto, dims: d
     return [relative_error(y, y0) for y, y0 in zip(run_ort(optimized, feeds), run_ort(original, feeds))]
 
 
+def assert_interface_kept(original: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
+    """What a deployment pipeline relies on is unchanged: graph inputs and outputs (names, types,
+    shapes and dynamic dims), IR version and opset imports."""
+    def interface(model):
+        weights = {t.name for t in model.graph.initializer}
+        return ([v.SerializeToString() for v in model.graph.input if v.name not in weights],
+                [v.SerializeToString() for v in model.graph.output])
+    assert interface(optimized) == interface(original)
+    assert optimized.ir_version == original.ir_version
+    assert list(optimized.opset_import) == list(original.opset_import)
+
+
 def assert_rewrite(model: onnx.ModelProto, *, ops: dict[str, int] | None, max_error: float,
                    dims: dict[str, int] | None = None, **options):
     """optimize(model, **options) must change the graph, pass the full checker, have exactly the op
@@ -112,6 +124,7 @@ def assert_rewrite(model: onnx.ModelProto, *, ops: dict[str, int] | None, max_er
     optimized, report = optimize(model, **options)
     assert report.changed, f"graph unchanged: {[(r.name, r.status, r.reason) for r in report.layers]}"
     onnx.checker.check_model(optimized, full_check=True)
+    assert_interface_kept(model, optimized)
     if ops is not None:
         assert op_counts(optimized) == ops
     errors = output_errors(model, optimized, dims)
