@@ -182,3 +182,13 @@ def test_a_report_never_overwrites_a_model(tmp_path, capsys, model_path, command
     argv = [a.format(m=model_path, out=tmp_path / "out.onnx") for a in command]
     run_refused(capsys, argv, "is a model of this command")
     assert _digest(model_path) == before and not (tmp_path / "out.onnx").exists()
+
+
+def test_missing_onnx_runtime_says_which_extra_to_install(tmp_path, capsys, model_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import onnxruntime now raises ImportError
+    run_refused(capsys, ["optimize", str(model_path), str(tmp_path / "out.onnx")], "onnx-lowrank[cpu]")
+    assert not (tmp_path / "out.onnx").exists()
+    # what needs no runtime still works without one
+    assert main(["optimize", "-q", "--no-validate", "--no-measure", str(model_path), str(tmp_path / "out.onnx")]) == 0
