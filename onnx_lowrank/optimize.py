@@ -112,9 +112,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
 
 def _release_if_owned(source, original: onnx.ModelProto, optimized: onnx.ModelProto) -> onnx.ModelProto | str:
     """What ONNX Runtime should load as the reference model. When we loaded the input ourselves and
-    rewrote it, our copy of its weights is no longer needed: ORT reads the file, and the memory goes
-    back before the sessions are made (a model of size S otherwise peaks at 4 S: two protos, two
-    sessions). A caller's ModelProto is never touched."""
+    rewrote it, ORT reads the reference from its file (mapping external data rather than copying
+    it), and the weights our copy read in for the passes are dropped with its initializers. A
+    caller's ModelProto is never touched."""
     if isinstance(source, onnx.ModelProto) or optimized is original:
         return original
     original.graph.ClearField("initializer")

@@ -206,3 +206,30 @@ def analysis_table(analysis) -> str:
               + (" (measured in ONNX Runtime, the layer alone)" if measured else "")
               + "; below 1x the factorized layer costs more than the dense one")
     return "\n".join([table(headers, rows, "lllrrrr" + "r" * len(ERROR_LEVELS)), legend])
+
+
+def sweep_table(result) -> str:
+    """`sweep`: one row per target; the chosen point (fastest within --max-error) marked with *."""
+    metric = result.metric_before is not None
+    rows = []
+    for i, p in enumerate(result.points):
+        speedup = "-" if p.speedup is None else (f"{p.speedup:.2f}x ({p.speedup_ci_low:.2f}-{p.speedup_ci_high:.2f})"
+                                                 if p.speedup_ci_low is not None else f"{p.speedup:.2f}x")
+        rows.append(["*" if i == result.best else "", f"{p.target:g}", f"{p.decomposed}/{p.candidates}",
+                     "-" if p.macs_ratio is None else f"{p.macs_ratio:.2f}", human_count(p.params),
+                     "-" if p.output_error is None else f"{p.output_error:.2e}", speedup,
+                     *([("-" if p.metric is None else f"{p.metric:.4g}")] if metric else []),
+                     p.model or ""])
+    headers = ["", f"target {result.target_kind}", "decomposed", "layer MACs", "params", "output error",
+               "speedup (95% CI)", *(["metric"] if metric else []), "model"]
+    lines = [table(headers, rows, "lrrrrrr" + "r" * metric + "l"),
+             f"params before {human_count(result.params_before)}"
+             + (f"; metric of the original {result.metric_before:.4g}" if metric else "")]
+    best = result.best_point
+    if best is not None:
+        within = f"within --max-error {result.max_error:g}" if result.max_error is not None else "of all points"
+        lines.append(f"fastest {within}: target {result.target_kind} {best.target:g}, {best.speedup:.2f}x at output "
+                     f"error {best.output_error:.2e}" + (f" ({best.model})" if best.model else ""))
+    elif result.max_error is not None:
+        lines.append(f"no point is within --max-error {result.max_error:g}")
+    return "\n".join(lines)

@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from ..errors import LowRankError, OptionError
-from . import analyze, bench, optimize, validate
+from . import analyze, bench, optimize, sweep, validate
 
 PROG = "onnx-lowrank"
-COMMANDS = [optimize, validate, bench, analyze]
+COMMANDS = [optimize, validate, bench, analyze, sweep]
 
 
 class Parser(argparse.ArgumentParser):
