@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import OptionError
 from ..options import DEFAULT_CACHE_DIR
-from .common import add_layer_selection, check_side_outputs, int_arg, skip_list, write_text
+from .common import add_layer_selection, check_side_outputs, int_arg, require_matplotlib, skip_list, write_text
 
 
 def add_parser(sub) -> None:
@@ -40,10 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..views import analysis_table
 
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise OptionError("--plot needs matplotlib: pip install 'onnx-lowrank[plot]'") from None
+        require_matplotlib()
     check_side_outputs({"--plot": args.plot, "--json": args.json}, [args.input])
     options = Options(ops=args.ops, include=args.include, exclude=args.exclude,
                       skip=skip_list(args.skip), shape=parse_shapes(args.shape), batch=args.batch,

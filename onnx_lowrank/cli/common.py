@@ -89,6 +89,15 @@ def skip_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def require_matplotlib() -> None:
+    """--plot fails before any work is done, in one line, when matplotlib is missing."""
+    from ..errors import OptionError
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise OptionError("--plot needs matplotlib: pip install 'onnx-lowrank[plot]'") from None
+
+
 def check_side_outputs(outputs: dict[str, str | None], models: list[str | None]) -> None:
     """Report, JSON and plot paths must be writable and must not be one of the command's models:
     `--report in.onnx` would otherwise replace the user's model with a JSON file."""
