@@ -25,3 +25,9 @@ class RuntimeUnavailableError(LowRankError):
 
 class InferenceError(LowRankError):
     """ONNX Runtime refused to load or run a model."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (ORT's and protobuf's run to many), for our one line."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -11,13 +11,15 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import ModelLoadError, OutputError
+from .errors import ModelLoadError, OutputError, first_line
 from .graph import BASEPATH, copy_fields, external_base, model_size, structure_only, tensor_nbytes
 
 PROTOBUF_LIMIT = 2**31 - 1
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """A model file, checked. Weights stored as external data stay on disk until a pass reads
+    them; save such a model with onnx_lowrank.save_model, which copies them file to file."""
     return load_model_with_info(path)[0]
 
 
@@ -39,7 +41,7 @@ def load_model_with_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"input model '{path}' is not an ONNX model ({_first_line(exc) or 'protobuf parse failed'})") from None
+        raise ModelLoadError(f"input model '{path}' is not an ONNX model ({first_line(exc) or 'protobuf parse failed'})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelLoadError(f"input model '{path}' is not an ONNX model (no graph)")
     external = _load_external_data(model, path)
@@ -55,7 +57,7 @@ def check_input_model(model: onnx.ModelProto, name: str) -> None:
     try:
         onnx.checker.check_model(structure_only(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
-        raise ModelLoadError(f"input model '{name}' is not a valid ONNX model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"input model '{name}' is not a valid ONNX model: {first_line(exc)}") from None
     problem = _tensor_size_problem(model) or _duplicate_node_name(model.graph)
     if problem:
         raise ModelLoadError(f"input model '{name}' is not a valid ONNX model: {problem}")
@@ -283,8 +285,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from .errors import InferenceError, OptionError, RuntimeUnavailableError
+from .errors import InferenceError, OptionError, RuntimeUnavailableError, first_line
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -150,7 +150,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, config: SessionConf
     except Exception as exc:  # ORT raises its own exception types, not importable portably
         reason = _provider_failure(log[0]) if gpu and log else None
         raise InferenceError(f"ONNX Runtime cannot load the model on {config.provider}: "
-                             f"{reason or _first_line(exc)}") from None
+                             f"{reason or first_line(exc)}") from None
     wanted = PROVIDERS[config.provider]
     if wanted not in session.get_providers():
         # ORT falls back to CPU when a GPU provider fails to initialise; we never do, so a figure
@@ -259,7 +259,7 @@ def run(session, feeds: dict[str, Any]) -> list[np.ndarray]:
     try:
         return session.run(None, prepare_feeds(feeds))
     except Exception as exc:
-        raise InferenceError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
+        raise InferenceError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from None
 
 
 def runner(session, feeds: dict[str, np.ndarray]) -> Callable[[], list]:
@@ -447,7 +447,7 @@ def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError) as exc:
-        raise OptionError(f"--inputs: '{path}' is not a readable .npz file ({_first_line(exc)})") from None
+        raise OptionError(f"--inputs: '{path}' is not a readable .npz file ({first_line(exc)})") from None
 
 
 def _fits(shape: list[int], model_shape: list[int | str | None]) -> bool:
@@ -456,9 +456,3 @@ def _fits(shape: list[int], model_shape: list[int | str | None]) -> bool:
 
 def _format_shape(shape) -> str:
     return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:300]
