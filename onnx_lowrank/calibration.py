@@ -105,8 +105,9 @@ class CaptureSpec:
 
 
 def capture_specs(graph: gs.Graph, options: Options) -> list[CaptureSpec]:
-    """The matrix layers the decompose passes would factorize (MatMul and Gemm with one constant
-    2-D side, group-1 1x1 Conv), main graph only: a subgraph's tensors cannot be graph outputs."""
+    """The layers the decompose passes would factorize (MatMul and Gemm with one constant 2-D side,
+    group-1 Conv: 1x1 for whitened SVD, k x k for whitened Tucker-2), main graph only: a subgraph's
+    tensors cannot be graph outputs."""
     specs = []
     for node in graph.nodes:
         match = _matrix_input(node, options)
@@ -133,10 +134,12 @@ def _matrix_input(node: gs.Node, options: Options) -> tuple[gs.Variable, int, gs
             return a, 0 if node.attrs.get("transA", 0) else -1, b
     if node.op == "Conv" and "conv" in options.ops and len(inputs) >= 2:
         w = inputs[1]
-        if (isinstance(w, gs.Constant) and len(w.shape) >= 3 and all(d == 1 for d in w.shape[2:])
-                and int(node.attrs.get("group", 1)) == 1 and isinstance(inputs[0], gs.Variable)
-                and _pointwise(node)):
-            return inputs[0], 1, w
+        if (isinstance(w, gs.Constant) and len(w.shape) >= 3 and int(node.attrs.get("group", 1)) == 1
+                and isinstance(inputs[0], gs.Variable)):
+            # a k x k conv's Tucker-2 needs the channel Gram sum x x^T over all input pixels, which
+            # describes the input-channel mode whatever the pads and strides
+            if not all(d == 1 for d in w.shape[2:]) or _pointwise(node):
+                return inputs[0], 1, w
     return None
 
 

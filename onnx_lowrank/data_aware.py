@@ -79,7 +79,7 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
         context.grams = calibration.grams
         held_note = f", {plan.data.samples - plan.fit_stop} held back for --max-error" if plan.fit_stop < plan.data.samples else ""
         report.notes.append(f"calibration: Gram matrices of {len(calibration.grams)} layers from {calibration.samples} "
-                            f"samples{held_note}; matrix layers use whitened SVD")
+                            f"samples{held_note}; matrix layers use whitened SVD, k x k convs whitened Tucker-2")
     if options.target is not None:
         plan.spectra = survey(graph, context, decompose)
         if options.calibration is not None:

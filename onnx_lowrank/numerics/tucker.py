@@ -1,4 +1,17 @@
-"""Tucker-2 decomposition of a convolution weight on its two channel modes (truncated HOSVD)."""
+"""Tucker-2 decomposition of a convolution weight on its two channel modes (truncated HOSVD).
+
+Data-aware (whitened) Tucker-2: with C = sum over samples and pixels of x x^T the Gram of the
+conv's input channels and C = R R^T, the conv's output error over those inputs is, to first order
+in the channel statistics (the correlation between a pixel and its neighbours under the kernel is
+not modelled), the Frobenius error of the whitened weight T = W x_1 R^T:
+
+    sum ||y - y_r||^2 ~= tr(D^T C D) = ||R^T D||_F^2,   D = unfold(W - W_r, 1)  [I, O k^2]
+
+So the HOSVD of T, mapped back, is the Tucker-2 that is best on the calibration inputs, exactly as
+whitened SVD is for a matrix: with U the leading input-mode vectors of T, the first 1x1 conv
+projects with B = R^{-T} U (B^T x = U^T R^{-1} x, the whitened input on U) and the core is
+W x_0 U_out^T x_1 (R U)^T, so that W_r x_1 R^T = T x_0 P_out x_1 U U^T.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .svd import single_threaded_blas
+from .whitening import RIDGE, Whitening, whitening
 
 
 @dataclass(frozen=True)
@@ -39,17 +53,54 @@ def channel_bases(w: np.ndarray) -> tuple[ModeBasis, ModeBasis]:
     return mode_basis(w, 0), mode_basis(w, 1)
 
 
+def whiten_channels(w: np.ndarray, white: Whitening) -> np.ndarray:
+    """T = w x_1 R^T: the input-channel mode seen through the activations' root."""
+    return np.einsum("oi...,ij->oj...", np.asarray(w, dtype=np.float64), white.root, optimize=True)
+
+
+@dataclass(frozen=True)
+class WhitenedBases:
+    """Bases of the whitened weight T = w x_1 R^T: the singular values of each mode are
+    activation-weighted (they rank truncations by output error, as the weight's own rank them by
+    weight error), and the input-mode vectors live in the whitened space."""
+
+    out_basis: ModeBasis
+    in_basis: ModeBasis
+    white: Whitening
+
+    @property
+    def bases(self) -> tuple[ModeBasis, ModeBasis]:
+        return self.out_basis, self.in_basis
+
+
+def whitened_channel_bases(w: np.ndarray, gram: np.ndarray, ridge: float = RIDGE) -> WhitenedBases:
+    """w [O, I, *k]; gram [I, I] the input channels' Gram over the calibration pixels."""
+    if gram.shape != (w.shape[1],) * 2:
+        raise ValueError(f"channel Gram {gram.shape} does not match weight {w.shape} (expected I x I, I = {w.shape[1]})")
+    white = whitening(gram, ridge)
+    t = whiten_channels(w, white)
+    return WhitenedBases(mode_basis(t, 0), mode_basis(t, 1), white)
+
+
 def tucker2(w: np.ndarray, rank_out: int, rank_in: int,
-            bases: tuple[ModeBasis, ModeBasis] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            bases: tuple[ModeBasis, ModeBasis] | None = None,
+            whitened: WhitenedBases | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """w [O, I, *k] ~= core x_0 u_out x_1 u_in.
 
     Returns u_out [O, rank_out], core [rank_out, rank_in, *k], u_in [I, rank_in]. The factor
     matrices are the leading left singular vectors of each unfolding (HOSVD); the core is the
-    projection of w onto them, the least-squares optimum for those factors.
+    projection of w onto them, the least-squares optimum for those factors. With `whitened`, the
+    HOSVD is that of the whitened weight (see the module docstring): u_in = R^{-T} U projects the
+    input, and the core is taken with R U, so u_in is no longer orthonormal.
     """
-    out_basis, in_basis = bases or channel_bases(w)
-    u_out, u_in = out_basis.u[:, :rank_out], in_basis.u[:, :rank_in]
-    core = np.einsum("oi...,or,is->rs...", np.asarray(w, dtype=np.float64), u_out, u_in, optimize=True)
+    if whitened is not None:
+        u_out, u_white = whitened.out_basis.u[:, :rank_out], whitened.in_basis.u[:, :rank_in]
+        u_in, u_core = whitened.white.unwhiten(u_white), whitened.white.root @ u_white
+    else:
+        out_basis, in_basis = bases or channel_bases(w)
+        u_out, u_in = out_basis.u[:, :rank_out], in_basis.u[:, :rank_in]
+        u_core = u_in
+    core = np.einsum("oi...,or,is->rs...", np.asarray(w, dtype=np.float64), u_out, u_core, optimize=True)
     return u_out, core, u_in
 
 

@@ -11,6 +11,10 @@
 Each form gets its ranks from the rank rule, refuses itself with a reason when it does not pay
 (--min-flop-reduction on MACs), and, with measured latency, goes through the rank search and the
 dense-vs-factorized check of rank_choice.search_ranks.
+
+With a calibration Gram of the conv's input channels, Tucker-2 is whitened (numerics/tucker.py):
+its ranks, error bound and reported activation_error are then the error on the conv's output over
+the calibration inputs, as whitened SVD's are for matrix layers. The other forms stay weight-only.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from ..numerics import ranks as R
 from ..numerics.branched_tucker import BlockTerms, branched_tucker, branched_tucker_macs
 from ..numerics.spatial_svd import spatial_spectrum, spatial_svd, spatial_svd_macs
 from ..numerics.svd import relative_error_by_rank
-from ..numerics.tucker import ModeBasis, channel_bases, relative_error, tucker2, tucker2_reconstruct
+from ..numerics.tucker import (ModeBasis, WhitenedBases, channel_bases, relative_error, tucker2, tucker2_reconstruct,
+                               whiten_channels, whitened_channel_bases)
 from ..rank_choice import MeasuredDecision, RankDecision, choose_tucker2_ranks, error_budget, search_ranks
-from .base import PassContext
+from .base import PassContext, layer_name
 
 #: Growth of branched-tucker ranks while the block-term fit misses the error budget, and the most
 #: refits tried: each is an ALS fit, and a weight far from block-term structure never gets there.
@@ -56,6 +61,7 @@ class ConvPlan:
     stages: Callable[[], list[Stage]]            # built only for the plan that is kept
     measured: MeasuredDecision | None = None
     alternatives: list[str] = field(default_factory=list)
+    activation_error: float | None = None        # whitened Tucker-2: the error over the calibration inputs
 
 
 @dataclass
@@ -76,6 +82,7 @@ class _Layer:
     geometry: LayerGeometry | None
     bases: tuple[ModeBasis, ModeBasis]
     tucker2: RankDecision              # the rule's Tucker-2 ranks, or why they do not pay
+    whitened: WhitenedBases | None = None     # with a calibration Gram: Tucker-2's bases and ranks come from it
 
     @property
     def out_ch(self) -> int:
@@ -124,9 +131,12 @@ def plan_conv(context: PassContext, node: gs.Node, w: np.ndarray, geometry: Laye
     kernel_dims = list(w.shape[2:])
     stride = math.prod(node.attrs.get("strides", [1] * len(kernel_dims)))
     bases = channel_bases(w)
-    tucker2_decision = choose_tucker2_ranks(bases[0].s, bases[1].s, w.shape[0], w.shape[1], math.prod(kernel_dims),
+    gram = context.grams.get(layer_name(node))
+    whitened = whitened_channel_bases(w, gram) if gram is not None else None
+    s_out, s_in = (b.s for b in (whitened.bases if whitened else bases))
+    tucker2_decision = choose_tucker2_ranks(s_out, s_in, w.shape[0], w.shape[1], math.prod(kernel_dims),
                                             stride, context.options)
-    layer = _Layer(w, dict(node.attrs), stride, context, geometry, bases, tucker2_decision)
+    layer = _Layer(w, dict(node.attrs), stride, context, geometry, bases, tucker2_decision, whitened)
     plans, refusals = [], []
     for method in conv_methods(context.options, kernel_dims):
         result = _PLANNERS[method](layer)
@@ -155,8 +165,9 @@ def plan_conv(context: PassContext, node: gs.Node, w: np.ndarray, geometry: Laye
 # --- Tucker-2 -----------------------------------------------------------------------------------
 
 def _tucker2_error_bound(layer: _Layer) -> Callable[[tuple[int, ...]], float]:
-    """The truncated HOSVD's error is at most the root of the two modes' discarded energies summed."""
-    e_out, e_in = (relative_error_by_rank(b.s) for b in layer.bases)
+    """The truncated HOSVD's error is at most the root of the two modes' discarded energies summed
+    (of the whitened weight's, an activation-weighted error, when the layer is calibrated)."""
+    e_out, e_in = (relative_error_by_rank(b.s) for b in (layer.whitened.bases if layer.whitened else layer.bases))
     return lambda ranks: float(math.hypot(e_out[ranks[0]], e_in[ranks[1]]))
 
 
@@ -169,14 +180,19 @@ def _plan_tucker2(layer: _Layer) -> ConvPlan | Refusal:
     if measured is not None and measured.ranks is None:
         return Refusal("tucker2", measured.decision, measured)
     r_out, r_in = measured.ranks if measured else decision.ranks
-    u_out, core, u_in = tucker2(layer.w, r_out, r_in, layer.bases)
+    u_out, core, u_in = tucker2(layer.w, r_out, r_in, layer.bases, layer.whitened)
+    approx = tucker2_reconstruct(u_out, core, u_in)
+    activation_error = None
+    if layer.whitened is not None:
+        white = layer.whitened.white
+        activation_error = relative_error(whiten_channels(layer.w, white), whiten_channels(approx, white))
     ones = [1] * (layer.w.ndim - 2)
-    return ConvPlan("tucker2", (r_out, r_in), 1, relative_error(layer.w, tucker2_reconstruct(u_out, core, u_in)),
+    return ConvPlan("tucker2", (r_out, r_in), 1, relative_error(layer.w, approx),
                     u_out.size + core.size + u_in.size, R.tucker2_macs(o, i, k, stride, r_out, r_in),
                     lambda: [Stage("in", np.ascontiguousarray(u_in.T).reshape(r_in, i, *ones), {}),
                              Stage("core", core, _core_attrs(layer.attrs)),
                              Stage("out", u_out.reshape(o, r_out, *ones), {})],
-                    measured)
+                    measured, activation_error=activation_error)
 
 
 # --- branched Tucker ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     k x k, W [O, I, k..] ~= core x_0 U_out x_1 U_in (Tucker-2 on the channel modes):
         Conv 1x1 I -> r_in (U_in^T)  ->  Conv k x k r_in -> r_out (core; original strides, pads,
         dilations, auto_pad)  ->  Conv 1x1 r_out -> O (U_out, bias)
+        with a calibration Gram of the input channels, the whitened Tucker-2 (numerics/tucker.py)
     or, by --conv-method (passes/_conv_forms.py), a branched Tucker chain whose core is a grouped
     conv, or a spatial SVD: Conv kh x 1 I -> r  ->  Conv 1 x kw r -> O (bias)
 
@@ -98,6 +99,8 @@ def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
         return
     record.status, record.method, record.rank = "decomposed", plan.method, list(plan.ranks)
     record.weight_error = plan.weight_error
+    if plan.activation_error is not None:
+        record.method, record.activation_error = f"whitened-{plan.method}", plan.activation_error
     record.params_after, record.macs_after = plan.params, plan.macs
     if plan.measured is not None:
         record_measurement(record, plan.measured)
