@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from . import profiling, runtime
 from .errors import OptionError
 from .options import Options
+from .passes.base import layer_name
 
 #: Samples per ORT run. Activations of one batch are all held at once: BERT-base at sequence 128
 #: captures 48 distinct tensors (36 of width 768, 12 of 3072) of 8 x 128 rows, 0.26 GB.
@@ -113,7 +114,7 @@ def capture_specs(graph: gs.Graph, options: Options) -> list[CaptureSpec]:
         match = _matrix_input(node, options)
         if match is None:
             continue
-        name = node.name or (node.outputs[0].name if node.outputs else node.op)
+        name = layer_name(node)   # the key the passes look the Gram up by
         if options.selects(name):
             tensor, axis, weight = match
             specs.append(CaptureSpec(name, tensor.name, axis, np.dtype(weight.values.dtype), weight.name))

@@ -28,7 +28,7 @@ from .compare import Tolerance
 from .graph import export_graph
 from .parity import check_parity
 from .passes import PassContext, PassEntry
-from .passes.base import layer_name
+from .passes.base import layer_name, unique_name
 from .rank_allocation import (Allocation, LayerSpectrum, allocate_ranks, flop_ratio_for_speedup, predicted_error,
                               rank_grid)
 from .report import LayerRecord, Report
@@ -141,46 +141,37 @@ def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContex
     if not probes or len(dtypes) != 1:
         return None
     dtype = dtypes.pop()
-    selector = gs.Variable(_fresh(names, "lowrank_probe_selector"), dtype=dtype, shape=[len(probes)])
+    selector = gs.Variable(unique_name(names, "lowrank_probe_selector"), dtype=dtype, shape=[len(probes)])
     graph.inputs.append(selector)
     for i, (spectrum, node, rank) in enumerate(probes):
         first, second = context.decompositions[spectrum.name].factors(rank)
         x, y = node.inputs[0], node.outputs[0]
         dense, hidden, low, moved, scale, scaled = (
-            gs.Variable(_fresh(names, f"{y.name}_probe_{part}"), dtype=y.dtype)
+            gs.Variable(unique_name(names, f"{y.name}_probe_{part}"), dtype=y.dtype)
             for part in ("dense", "hidden", "low", "delta", "scale", "scaled"))
         node.outputs.clear()
         node.outputs.append(dense)
         # the truncation's change x (A B - W) as x A B - x W: the factors are small, a dense
         # difference weight would double the model in memory
         graph.nodes.extend([
-            gs.Node("MatMul", _fresh(names, f"{spectrum.name}_probe_a"),
-                    inputs=[x, gs.Constant(_fresh(names, f"{spectrum.name}_probe_a"), first.astype(dtype))],
+            gs.Node("MatMul", unique_name(names, f"{spectrum.name}_probe_a"),
+                    inputs=[x, gs.Constant(unique_name(names, f"{spectrum.name}_probe_a"), first.astype(dtype))],
                     outputs=[hidden]),
-            gs.Node("MatMul", _fresh(names, f"{spectrum.name}_probe_b"),
-                    inputs=[hidden, gs.Constant(_fresh(names, f"{spectrum.name}_probe_b"), second.astype(dtype))],
+            gs.Node("MatMul", unique_name(names, f"{spectrum.name}_probe_b"),
+                    inputs=[hidden, gs.Constant(unique_name(names, f"{spectrum.name}_probe_b"), second.astype(dtype))],
                     outputs=[low]),
-            gs.Node("Sub", _fresh(names, f"{spectrum.name}_probe_delta"), inputs=[low, dense], outputs=[moved]),
-            gs.Node("Gather", _fresh(names, f"{spectrum.name}_probe_pick"),
-                    inputs=[selector, gs.Constant(_fresh(names, f"{spectrum.name}_probe_index"), np.array(i, np.int64))],
+            gs.Node("Sub", unique_name(names, f"{spectrum.name}_probe_delta"), inputs=[low, dense], outputs=[moved]),
+            gs.Node("Gather", unique_name(names, f"{spectrum.name}_probe_pick"),
+                    inputs=[selector, gs.Constant(unique_name(names, f"{spectrum.name}_probe_index"), np.array(i, np.int64))],
                     outputs=[scale]),
-            gs.Node("Mul", _fresh(names, f"{spectrum.name}_probe_mul"), inputs=[moved, scale], outputs=[scaled]),
-            gs.Node("Add", _fresh(names, f"{spectrum.name}_probe_add"), inputs=[dense, scaled], outputs=[y]),
+            gs.Node("Mul", unique_name(names, f"{spectrum.name}_probe_mul"), inputs=[moved, scale], outputs=[scaled]),
+            gs.Node("Add", unique_name(names, f"{spectrum.name}_probe_add"), inputs=[dense, scaled], outputs=[y]),
         ])
     probe = export_graph(graph, original)
     deviations = probe_deviations(probe, selector.name, len(probes), plan.data,
                                   stop=min(plan.fit_stop, SENSITIVITY_SAMPLES), provider=context.options.provider)
     return {spectrum.name: float(deviation / max(spectrum.errors[rank], 1e-12))
             for (spectrum, _, rank), deviation in zip(probes, deviations)}
-
-
-def _fresh(names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in names:
-        i += 1
-        name = f"{base}_{i}"
-    names.add(name)
-    return name
 
 
 def _time_ratio(speedup: float, model: onnx.ModelProto, plan: DataPlan, options, report: Report) -> float:

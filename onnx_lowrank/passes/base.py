@@ -99,11 +99,16 @@ def layer_name(node: gs.Node) -> str:
 def new_name(context: PassContext, base: str) -> str:
     """A tensor/node name derived from `base` that nothing in the model uses yet (stable: no counters
     shared across runs, so the same model gives the same names)."""
+    return unique_name(context.names, base)
+
+
+def unique_name(names: set[str], base: str) -> str:
+    """`base`, or `base_2`, `base_3`, ...: the first not in `names`, which it is then added to."""
     name, i = base, 1
-    while name in context.names:
+    while name in names:
         i += 1
         name = f"{base}_{i}"
-    context.names.add(name)
+    names.add(name)
     return name
 
 
