@@ -1,6 +1,7 @@
 """Accuracy against speedup on the trained CNN (issue 6, acceptance item 2).
 
     python benchmarks/cnn_digits.py --json cnn_digits.json
+    python benchmarks/cnn_digits.py --methods tucker2 --calibration --error-correction --energies ""
 
 models/cnn_digits.onnx (ResNet-style, 8 Conv + BatchNormalization; its [n,1,8,8] input is
 upsampled to 16x16 inside) is optimized at a range of rank rules and conv methods, with the FLOP
@@ -107,13 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-rounds", type=int, default=5, help="profiled passes per pair (default 5)")
     parser.add_argument("--profile-runs", type=int, default=20, help="traced runs per model and pass (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    parser.add_argument("--calibration", nargs="?", const=str(ROOT / "models" / "digits_calib.npz"),
+                        help="calibrate on these samples (default when given bare: models/digits_calib.npz, 256 "
+                             "training digits): whitened Tucker-2")
+    parser.add_argument("--error-correction", action="store_true",
+                        help="with --calibration: refit the factorized convs depth by depth")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args(argv)
 
     test = np.load(TEST)
     images, labels = test["input"].astype(np.float32), test["label"]
     base = accuracy(str(MODEL), images, labels)
-    scope = "".join(f"; --{k} {v!r}" for k, v in (("include", args.include), ("exclude", args.exclude)) if v)
+    scope = "".join(f"; --{k} {v!r}" for k, v in (("include", args.include), ("exclude", args.exclude),
+                                                   ("calibration", args.calibration),
+                                                   ("error-correction", args.error_correction)) if v)
     print(f"{MODEL.name}{scope}: baseline accuracy {base:.2%} on {len(labels)} held-out digits; {load()}", flush=True)
     plan = TimingPlan(max_blocks=args.max_blocks)
     config = runtime.SessionConfig(threads=args.threads, spinning=False)
@@ -126,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     for method, rule, value in settings(args):
         optimized, report = onnx_lowrank.optimize(str(MODEL), conv_method=method, ops="conv", measure=False,
                                                   validate=False, include=args.include, exclude=args.exclude,
-                                                  branches=args.branches,
-                                                  **{rule: value})
+                                                  branches=args.branches, calibration=args.calibration,
+                                                  error_correction=args.error_correction, **{rule: value})
         before, after, decomposed, convs = conv_macs(report)
         acc = accuracy(optimized, images, labels)
         loss = (base - acc) * 100
@@ -143,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                "model_speedup_ci": [result.speedup_ci_low, result.speedup_ci_high],
                "latency_ms": [m.median_ms for m in result.models], "conv_ms": [dense_ms, low_ms],
                "conv_speedup": conv_speedup, "conv_speedup_rounds": ratios, "target_met": hit,
-               "include": args.include, "exclude": args.exclude,
+               "include": args.include, "exclude": args.exclude, "calibration": args.calibration,
+               "error_correction": args.error_correction,
                "branches": args.branches if method == "branched-tucker" else None, "load": os.getloadavg()[0]}
         rows.append(row)
         label = f"{'ratio' if rule == 'rank_ratio' else 'energy'} {value:g}"

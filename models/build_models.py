@@ -15,6 +15,7 @@ Writes (next to this file):
 * ``bert_tiny.onnx``    randomly initialised (fixed seed) BERT-style encoder
 * ``digits_test.npz``   held-out digits, ``input`` [n,1,8,8] float32 in [0,1], ``label`` int64
 * ``digits_test_mlp.npz`` the same images flattened, ``input`` [n,64]
+* ``digits_calib.npz``  256 training digits, ``input`` [256,1,8,8]: --calibration samples
 * ``accuracy.json``     held-out accuracy of the exported models, computed in ONNX Runtime
 
 All models are exported with the TorchScript-based exporter (``dynamo=False``) at opset
@@ -347,6 +348,8 @@ def main() -> None:
     x_tr_img, x_te_img = x_tr.reshape(-1, 1, 8, 8), x_te.reshape(-1, 1, 8, 8)
     np.savez_compressed(out / "digits_test.npz", input=x_te_img, label=y_te)
     np.savez_compressed(out / "digits_test_mlp.npz", input=x_te, label=y_te)
+    # calibration samples for the data-aware path: training digits, never the held-out ones
+    np.savez_compressed(out / "digits_calib.npz", input=x_tr_img[:256])
     print(f"digits: {len(y_tr)} train / {n_test} test")
 
     # ---- MLP

@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from . import profiling, runtime
 from .errors import OptionError
+from .numerics.patches import ConvWindow, conv_patches
 from .options import Options
 from .passes.base import layer_name
 
@@ -96,19 +97,27 @@ def load_calibration(path: str | os.PathLike, input_names: list[str]) -> Calibra
 
 @dataclass(frozen=True)
 class CaptureSpec:
-    """A candidate layer's input activation, and the axis its weight contracts."""
+    """A candidate layer's input activation, and the axis its weight contracts; for a conv whose
+    rows are its patches (a strided or padded 1x1, or a k x k under error correction), its window."""
 
     layer: str
     tensor: str
     axis: int
     dtype: np.dtype
     weight: str
+    window: ConvWindow | None = None
+
+    @property
+    def key(self) -> tuple:
+        """Specs with one key see the same rows: one capture, one Gram."""
+        return self.tensor, self.axis, self.window
 
 
-def capture_specs(graph: gs.Graph, options: Options) -> list[CaptureSpec]:
+def capture_specs(graph: gs.Graph, options: Options, patches: bool = False) -> list[CaptureSpec]:
     """The layers the decompose passes would factorize (MatMul and Gemm with one constant 2-D side,
     group-1 Conv: 1x1 for whitened SVD, k x k for whitened Tucker-2), main graph only: a subgraph's
-    tensors cannot be graph outputs."""
+    tensors cannot be graph outputs. With `patches`, a 2-D k x k conv's rows are its patches (error
+    correction fits the whole kernel) rather than its input pixels (Tucker-2's channel Gram)."""
     specs = []
     for node in graph.nodes:
         match = _matrix_input(node, options)
@@ -117,7 +126,14 @@ def capture_specs(graph: gs.Graph, options: Options) -> list[CaptureSpec]:
         name = layer_name(node)   # the key the passes look the Gram up by
         if options.selects(name):
             tensor, axis, weight = match
-            specs.append(CaptureSpec(name, tensor.name, axis, np.dtype(weight.values.dtype), weight.name))
+            window = None
+            if node.op == "Conv":
+                kernel = tuple(weight.shape[2:])
+                if all(d == 1 for d in kernel) and not _pointwise(node) or patches and any(d > 1 for d in kernel):
+                    window = ConvWindow.from_attrs(kernel, node.attrs)
+                    if window is None and all(d == 1 for d in kernel):
+                        continue   # a strided 1x1 whose rows cannot be unfolded: weight-only
+            specs.append(CaptureSpec(name, tensor.name, axis, np.dtype(weight.values.dtype), weight.name, window))
     return specs
 
 
@@ -138,9 +154,9 @@ def _matrix_input(node: gs.Node, options: Options) -> tuple[gs.Variable, int, gs
         if (isinstance(w, gs.Constant) and len(w.shape) >= 3 and int(node.attrs.get("group", 1)) == 1
                 and isinstance(inputs[0], gs.Variable)):
             # a k x k conv's Tucker-2 needs the channel Gram sum x x^T over all input pixels, which
-            # describes the input-channel mode whatever the pads and strides
-            if not all(d == 1 for d in w.shape[2:]) or _pointwise(node):
-                return inputs[0], 1, w
+            # describes the input-channel mode whatever the pads and strides; a strided or padded
+            # 1x1's rows are its (1x1) patches
+            return inputs[0], 1, w
     return None
 
 
@@ -169,15 +185,14 @@ def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: Calibr
     """Run `model` on samples [start, stop) of `data` and accumulate every spec's Gram matrix.
 
     on_batch(samples in the batch) is called after each batch, for a progress bar."""
-    keys = sorted({(s.tensor, s.axis) for s in specs})
-    grams: dict[tuple[str, int], np.ndarray] = {}
-    rows: dict[tuple[str, int], int] = {key: 0 for key in keys}
+    keys = list(dict.fromkeys(s.key for s in specs))
+    grams: dict[tuple, np.ndarray] = {}
+    rows: dict[tuple, int] = {key: 0 for key in keys}
     samples = 0
     for count, (values,), mask in _captures([model], specs, data, start, stop, provider, batch_size):
         for key in keys:
-            x = _rows(values[key[0]], key[1])
-            rows[key] += x.shape[0]
-            x = _drop_padding(x, values[key[0]], key[1], mask)
+            computed, x = _layer_rows(values[key[0]], key, mask)
+            rows[key] += computed
             grams[key] = x.T @ x if key not in grams else grams[key] + x.T @ x
         samples += count
         if on_batch is not None:
@@ -185,7 +200,7 @@ def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: Calibr
     if not samples:
         raise OptionError("--calibration: no samples to calibrate on")
     return Calibration(grams=_per_layer(specs, grams),
-                       positions={s.layer: rows[(s.tensor, s.axis)] / samples for s in specs},
+                       positions={s.layer: rows[s.key] / samples for s in specs},
                        samples=samples)
 
 
@@ -196,18 +211,18 @@ def collect_cross_grams(original: onnx.ModelProto, compressed: onnx.ModelProto, 
     """layer -> (X~^T X~, X~^T X): X~ the rows the layer sees in `compressed` (every layer before
     it already truncated), X the rows it sees in `original`, on the same samples. A layer's input
     tensor keeps its name through the rewrite (the first factor reads it), so one spec names both."""
-    keys = sorted({(s.tensor, s.axis) for s in specs})
-    sums: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    keys = list(dict.fromkeys(s.key for s in specs))
+    sums: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     for count, (reference, actual), mask in _captures([original, compressed], specs, data, start, stop,
                                                         provider, batch_size):
         for key in keys:
-            x = _drop_padding(_rows(reference[key[0]], key[1]), reference[key[0]], key[1], mask)
-            xt = _drop_padding(_rows(actual[key[0]], key[1]), actual[key[0]], key[1], mask)
+            _, x = _layer_rows(reference[key[0]], key, mask)
+            _, xt = _layer_rows(actual[key[0]], key, mask)
             gram, cross = xt.T @ xt, xt.T @ x
             sums[key] = (gram, cross) if key not in sums else (sums[key][0] + gram, sums[key][1] + cross)
         if on_batch is not None:
             on_batch(count)
-    return {s.layer: sums[(s.tensor, s.axis)] for s in specs if (s.tensor, s.axis) in sums}
+    return {s.layer: sums[s.key] for s in specs if s.key in sums}
 
 
 def _captures(models: list[onnx.ModelProto], specs: list[CaptureSpec], data: CalibrationData, start: int,
@@ -232,7 +247,7 @@ def _per_layer(specs: list[CaptureSpec], grams: dict[tuple[str, int], np.ndarray
         by_weight.setdefault(spec.weight, []).append(spec)
     result = {}
     for users in by_weight.values():
-        keys = list(dict.fromkeys((s.tensor, s.axis) for s in users))
+        keys = list(dict.fromkeys(s.key for s in users))
         if len({_side(s.axis) for s in users}) > 1:
             continue   # used as x W and as W x: no one Gram describes both; weight-only path
         total = grams[keys[0]] if len(keys) == 1 else sum(grams[key] for key in keys)
@@ -263,6 +278,17 @@ def _mask_input(session) -> str | None:
                 "tensor(int64)", "tensor(int32)", "tensor(bool)", "tensor(float)", "tensor(uint8)", "tensor(int8)"):
             return arg.name
     return None
+
+
+def _layer_rows(value: np.ndarray, key: tuple, mask: np.ndarray | None) -> tuple[int, np.ndarray]:
+    """(rows the layer computes, the rows that steer the fit) [m, k] in float64: a conv's patches
+    under its window, else the activation over its feature axis with padding rows dropped."""
+    _, axis, window = key
+    if window is not None:
+        patches = conv_patches(np.asarray(value, dtype=np.float64), window)
+        return patches.shape[0], patches
+    rows = _rows(value, axis)
+    return rows.shape[0], _drop_padding(rows, value, axis, mask)
 
 
 def _rows(value: np.ndarray, axis: int) -> np.ndarray:

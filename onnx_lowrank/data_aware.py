@@ -213,31 +213,69 @@ def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
 def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
             entries: list[PassEntry], report: Report, on_batch: Callable[[int], None] | None = None
             ) -> tuple[onnx.ModelProto, PassContext]:
-    """Refit every whitened layer to the original layer's output, on the inputs it sees in the
-    rewritten model (numerics.whitening.corrected_weight), at the same ranks, so that truncation
-    errors do not compound with depth. All layers are refitted from one pass over the rewritten
-    model; a layer's inputs then still carry its predecessors' pre-refit error (a Jacobi step
-    rather than a strictly layer-by-layer sweep, which would need one pass per layer)."""
+    """Sequential error correction: refit the factorized layers depth by depth, each on the inputs
+    it sees once every layer before it is factorized and refitted, to the original layer's output,
+    at the ranks already chosen, so that truncation errors do not compound with depth.
+
+    Matrix layers (and 1x1 convs) take the whitened SVD of their corrected weight
+    (numerics.whitening.corrected_weight), k x k convs a refitted Tucker-2
+    (numerics.tucker.corrected_tucker2). Layers at one depth (no factorized layer between them,
+    as Q, K and V) are refitted from one pass over the calibration samples: one pass per depth."""
     options = context.options
     if plan.data is None or not options.error_correction:
         return optimized, context
-    whitened = {r.name for r in report.decomposed if r.method == "whitened-svd"}
-    specs = capture_specs(plan.normalized, options)
+    fitted = {r.name: r for r in report.decomposed
+              if r.method == "whitened-svd" or (r.method == "whitened-tucker2" and len(r.rank) == 2)}
+    specs = capture_specs(plan.normalized, options, patches=True)
     users = Counter(s.weight for s in specs)
-    specs = [s for s in specs if s.layer in whitened and users[s.weight] == 1]   # a shared weight has one factorization
+    # a shared weight has one factorization; a k x k conv is refitted on its unfolded patches
+    specs = [s for s in specs if s.layer in fitted and users[s.weight] == 1
+             and (s.window is not None or fitted[s.layer].op != "Conv" or all(d == 1 for d in fitted[s.layer].weight_shape[2:]))]
     if not specs:
         return optimized, context
-    pairs = collect_cross_grams(plan.reference, optimized, specs, plan.data, stop=plan.fit_stop,
-                                provider=options.provider, on_batch=on_batch)
+    depths = layer_depths(plan.normalized, {s.layer for s in specs})
+    final = {r.name: (tuple(r.rank) if r.op == "Conv" and len(r.rank) == 2 else r.rank[0])
+             for r in fitted.values() if r.name in depths}
     ranks = {r.name: (r.rank[0] if r.decomposed else None) for r in report.layers
-             if r.pass_name in {e.name for e in entries} and r.method in (None, "svd", "whitened-svd")}
-    corrected = dataclasses.replace(context, grams={**context.grams, **{k: g for k, (g, _) in pairs.items()}},
-                                    cross_grams={k: m for k, (_, m) in pairs.items()}, decompositions={})
+             if r.pass_name in {e.name for e in entries} and r.method in (None, "svd", "whitened-svd")
+             and _matrix_layer(r)}
+    corrected = dataclasses.replace(context, grams=dict(context.grams), cross_grams={}, patch_grams={},
+                                    decompositions={})
+    for depth in sorted(set(depths.values())):
+        level = [s for s in specs if depths[s.layer] == depth]
+        partial = {**ranks, **{name: (rank if depths[name] < depth else None) for name, rank in final.items()}}
+        model = plan.reference if depth == min(depths.values()) else rewrite(plan, original, corrected, entries, partial)[0]
+        pairs = collect_cross_grams(plan.reference, model, level, plan.data, stop=plan.fit_stop,
+                                    provider=options.provider, on_batch=on_batch)
+        for spec in level:
+            gram, cross = pairs[spec.layer]
+            if spec.window is not None and fitted[spec.layer].op == "Conv" and len(fitted[spec.layer].rank) == 2:
+                corrected.patch_grams[spec.layer] = (gram, cross)
+            else:
+                corrected.grams[spec.layer], corrected.cross_grams[spec.layer] = gram, cross
+            corrected.decompositions.pop(spec.layer, None)   # factorized before with the first-pass Gram
+    ranks.update(final)
     model, records = rewrite(plan, original, corrected, entries, ranks)
     _replace_records(report, records)
-    report.notes.append(f"error correction: {len(pairs)} layers refitted to the original outputs on the inputs "
-                        "they see in the compressed model")
+    report.notes.append(f"error correction: {len(specs)} layers refitted to the original outputs, depth by depth "
+                        f"({len(set(depths.values()))} passes over the calibration samples), on the inputs they see "
+                        "in the compressed model")
     return model, dataclasses.replace(corrected, ranks=ranks)
+
+
+def layer_depths(graph: gs.Graph, layers: set[str]) -> dict[str, int]:
+    """layer -> 1 + the most `layers` on any path from the graph inputs to it: layers of one depth
+    never feed each other, so one compressed model gives all their inputs at once."""
+    depth_of: dict[str, int] = {}            # tensor name -> most layers upstream of it
+    depths = {}
+    for node in graph.copy().toposort().nodes:
+        above = max((depth_of.get(t.name, 0) for t in node.inputs), default=0)
+        name = layer_name(node)
+        if name in layers:
+            depths[name] = above = above + 1
+        for t in node.outputs:
+            depth_of[t.name] = above
+    return depths
 
 
 # --- --max-error ---------------------------------------------------------------------------------
@@ -305,11 +343,16 @@ def _rank_rule_path(report: Report) -> list[tuple[str, int]]:
 
 
 def _prefix_ranks(path: list[tuple[str, int]], count: int, report: Report) -> dict[str, int | None]:
-    ranks: dict[str, int | None] = {r.name: None for r in report.layers if r.max_rank is not None}
+    ranks: dict[str, int | None] = {r.name: None for r in report.layers if r.max_rank is not None and _matrix_layer(r)}
     ranks.update({name: None for name, _ in path})
     for name, rank in path[:count]:
         ranks[name] = rank
     return ranks
+
+
+def _matrix_layer(record: LayerRecord) -> bool:
+    """Factorized by one SVD, with one rank (context.ranks' int): MatMul, Gemm, 1x1 Conv."""
+    return record.op != "Conv" or all(d == 1 for d in record.weight_shape[2:])
 
 
 def _output_error(original: onnx.ModelProto, candidate: onnx.ModelProto, samples: list[dict],

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .svd import single_threaded_blas
-from .whitening import RIDGE, Whitening, whitening
+from .whitening import RIDGE, SHRINKAGE, Whitening, corrected_weight, whitened_svd, whitening
 
 
 @dataclass(frozen=True)
@@ -112,3 +112,42 @@ def relative_error(w: np.ndarray, approx: np.ndarray) -> float:
     w64 = np.asarray(w, dtype=np.float64)
     norm = np.linalg.norm(w64)
     return float(np.linalg.norm(w64 - approx) / norm) if norm else 0.0
+
+
+def patch_channel_gram(patch_gram: np.ndarray, in_ch: int) -> np.ndarray:
+    """The input channels' Gram from the Gram of the conv's patch rows [I k, I k]: the mean of its
+    diagonal blocks (one per kernel offset, each the channel Gram over the pixels that offset sees)."""
+    k = patch_gram.shape[0] // in_ch
+    return np.einsum("ipjp->ij", np.asarray(patch_gram, dtype=np.float64).reshape(in_ch, k, in_ch, k)) / k
+
+
+def corrected_tucker2(w: np.ndarray, patch_gram: np.ndarray, patch_cross: np.ndarray, rank_out: int, rank_in: int,
+                      shrinkage: float = SHRINKAGE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tucker-2 of w [O, I, *k] fitted to the conv's original output on the inputs it sees once the
+    layers before it are truncated: P~ the patch rows it sees, P the original ones (numerics/
+    patches.py), patch_gram = P~^T P~ and patch_cross = P~^T P, both [I k, I k].
+
+    1. V = the dense conv that best maps P~ to P w (corrected_weight, shrunk toward w);
+    2. u_in from V's whitened input mode (the channel Gram of P~), as whitened Tucker-2 takes it;
+    3. with the first 1x1 fixed, the core and the last 1x1 together are a rank-r_out map from the
+       reduced patches Z~ = P~ (u_in x I_k) to the outputs: refitted by least squares and truncated
+       by whitened SVD on Z~'s Gram, the optimum for that u_in (reduced-rank regression).
+
+    Returns u_out [O, rank_out], core [rank_out, rank_in, *k], u_in [I, rank_in], as tucker2 does."""
+    o, i, *kernel = w.shape
+    k = int(np.prod(kernel))
+    target = np.asarray(w, dtype=np.float64).reshape(o, i * k).T          # y = p @ target
+    gram = np.asarray(patch_gram, dtype=np.float64)
+    cross = np.asarray(patch_cross, dtype=np.float64)
+    dense = corrected_weight(target, gram, cross, shrinkage).T.reshape(w.shape)
+    whitened = whitened_channel_bases(dense, patch_channel_gram(gram, i))
+    u_full, core_full, u_in = tucker2(dense, o, rank_in, whitened=whitened)
+    projection = np.kron(u_in, np.eye(k))                                  # [I k, r_in k]
+    with single_threaded_blas():
+        reduced_gram = projection.T @ gram @ projection
+        reduced_cross = projection.T @ cross
+        prior = (u_full @ core_full.reshape(o, rank_in * k)).T             # the uncorrected Tucker map
+        fitted = corrected_weight(target, reduced_gram, reduced_cross, shrinkage, prior=prior)
+    first, second = whitened_svd(fitted, reduced_gram).factors(rank_out)   # [r_in k, r_out], [r_out, O]
+    core = np.ascontiguousarray(first.T).reshape(rank_out, rank_in, *kernel)
+    return np.ascontiguousarray(second.T), core, u_in

@@ -145,20 +145,24 @@ def activation_error(gram: np.ndarray, w: np.ndarray, approx: np.ndarray) -> flo
 SHRINKAGE = 0.1
 
 
-def corrected_weight(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, shrinkage: float = SHRINKAGE) -> np.ndarray:
+def corrected_weight(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, shrinkage: float = SHRINKAGE,
+                     prior: np.ndarray | None = None) -> np.ndarray:
     """The weight that best maps the inputs a layer really sees to the output it should give,
 
-        argmin_V ||X~ V - X w||_F^2 + lam ||V - w||_F^2 = (C~ + lam I)^{-1} (X~^T X w + lam w),
+        argmin_V ||X~ V - X w||_F^2 + lam ||V - V0||_F^2 = (C~ + lam I)^{-1} (X~^T X w + lam V0),
 
-    with C~ = X~^T X~ (gram), X~^T X (cross), lam = shrinkage x trace(C~) / k. X~ are the layer's
-    inputs once the layers before it are truncated, X the original inputs. Then
+    with C~ = X~^T X~ (gram), X~^T X (cross), lam = shrinkage x trace(C~) / k, and V0 = w unless a
+    `prior` is given (when X~ lives in another space than X, e.g. a conv's reduced channels). X~
+    are the layer's inputs once the layers before it are truncated, X the original inputs. Then
     ||X~ W_r - X w||^2 = ||X~ (W_r - V)||^2 + const (for lam -> 0), so the whitened SVD of V with
-    C~ is the rank-r weight that undoes upstream error as well as the layer can: error correction
-    in closed form, both factors at once."""
+    C~ is the rank-r weight that undoes upstream error as well as the layer can: reduced-rank
+    regression, both factors at once in closed form (what alternating least squares over the two
+    factors converges to)."""
     c = np.asarray(gram, dtype=np.float64)
     c = (c + c.T) / 2
     k = c.shape[0]
     lam = shrinkage * np.trace(c) / k if k and np.trace(c) > 0 else shrinkage
     w64 = np.asarray(w, dtype=np.float64)
+    v0 = w64 if prior is None else np.asarray(prior, dtype=np.float64)
     with single_threaded_blas():
-        return np.linalg.solve(c + lam * np.eye(k), np.asarray(cross, dtype=np.float64) @ w64 + lam * w64)
+        return np.linalg.solve(c + lam * np.eye(k), np.asarray(cross, dtype=np.float64) @ w64 + lam * v0)

@@ -14,11 +14,14 @@ dense-vs-factorized check of rank_choice.search_ranks.
 
 With a calibration Gram of the conv's input channels, Tucker-2 is whitened (numerics/tucker.py):
 its ranks, error bound and reported activation_error are then the error on the conv's output over
-the calibration inputs, as whitened SVD's are for matrix layers. The other forms stay weight-only.
+the calibration inputs, as whitened SVD's are for matrix layers. Under error correction its ranks
+are fixed and its factors refitted on the patch Grams of the compressed model's inputs
+(corrected_tucker2). The other forms stay weight-only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,8 +34,8 @@ from ..numerics import ranks as R
 from ..numerics.branched_tucker import BlockTerms, branched_tucker, branched_tucker_macs
 from ..numerics.spatial_svd import spatial_spectrum, spatial_svd, spatial_svd_macs
 from ..numerics.svd import relative_error_by_rank
-from ..numerics.tucker import (ModeBasis, WhitenedBases, channel_bases, relative_error, tucker2, tucker2_reconstruct,
-                               whiten_channels, whitened_channel_bases)
+from ..numerics.tucker import (ModeBasis, WhitenedBases, channel_bases, corrected_tucker2, relative_error, tucker2,
+                               tucker2_reconstruct, whiten_channels, whitened_channel_bases)
 from ..rank_choice import MeasuredDecision, RankDecision, choose_tucker2_ranks, error_budget, search_ranks
 from .base import PassContext, layer_name
 
@@ -83,6 +86,8 @@ class _Layer:
     bases: tuple[ModeBasis, ModeBasis]
     tucker2: RankDecision              # the rule's Tucker-2 ranks, or why they do not pay
     whitened: WhitenedBases | None = None     # with a calibration Gram: Tucker-2's bases and ranks come from it
+    patch_grams: tuple[np.ndarray, np.ndarray] | None = None   # error correction's, with fixed ranks
+    fixed: bool = False                # ranks fixed by context.ranks: nothing to search or measure
 
     @property
     def out_ch(self) -> int:
@@ -106,7 +111,7 @@ class _Layer:
     def measure(self, method: str, chosen: tuple[int, ...], error_of, granularity: int = 1, branches: int = 1
                 ) -> MeasuredDecision | None:
         latency = self.context.latency
-        if latency is None or self.geometry is None:
+        if latency is None or self.geometry is None or self.fixed:
             return None
         return search_ranks(chosen, error_of,
                             lambda r: latency(self.geometry, DENSE if r is None else Form(method, r, branches)),
@@ -131,14 +136,25 @@ def plan_conv(context: PassContext, node: gs.Node, w: np.ndarray, geometry: Laye
     kernel_dims = list(w.shape[2:])
     stride = math.prod(node.attrs.get("strides", [1] * len(kernel_dims)))
     bases = channel_bases(w)
-    gram = context.grams.get(layer_name(node))
+    name = layer_name(node)
+    gram = context.grams.get(name)
     whitened = whitened_channel_bases(w, gram) if gram is not None else None
     s_out, s_in = (b.s for b in (whitened.bases if whitened else bases))
     tucker2_decision = choose_tucker2_ranks(s_out, s_in, w.shape[0], w.shape[1], math.prod(kernel_dims),
                                             stride, context.options)
-    layer = _Layer(w, dict(node.attrs), stride, context, geometry, bases, tucker2_decision, whitened)
+    methods = conv_methods(context.options, kernel_dims)
+    fixed = name in context.ranks
+    if fixed:
+        ranks = context.ranks[name]
+        if ranks is None:
+            return None, [Refusal("tucker2", "kept dense by error correction while the layers before it are refitted")], \
+                tucker2_decision
+        tucker2_decision = dataclasses.replace(tucker2_decision, ranks=tuple(ranks), reason="")
+        methods = ["tucker2"]
+    layer = _Layer(w, dict(node.attrs), stride, context, geometry, bases, tucker2_decision, whitened,
+                   context.patch_grams.get(name), fixed)
     plans, refusals = [], []
-    for method in conv_methods(context.options, kernel_dims):
+    for method in methods:
         result = _PLANNERS[method](layer)
         (plans if isinstance(result, ConvPlan) else refusals).append(result)
     if not plans:
@@ -180,7 +196,10 @@ def _plan_tucker2(layer: _Layer) -> ConvPlan | Refusal:
     if measured is not None and measured.ranks is None:
         return Refusal("tucker2", measured.decision, measured)
     r_out, r_in = measured.ranks if measured else decision.ranks
-    u_out, core, u_in = tucker2(layer.w, r_out, r_in, layer.bases, layer.whitened)
+    if layer.patch_grams is not None:
+        u_out, core, u_in = corrected_tucker2(layer.w, *layer.patch_grams, r_out, r_in)
+    else:
+        u_out, core, u_in = tucker2(layer.w, r_out, r_in, layer.bases, layer.whitened)
     approx = tucker2_reconstruct(u_out, core, u_in)
     activation_error = None
     if layer.whitened is not None:

@@ -30,12 +30,16 @@ class PassContext:
     factors: dict[tuple, tuple[gs.Constant, ...]] = field(default_factory=dict)
     # data-aware path (onnx_lowrank.calibration): layer -> Gram X^T X of its input rows [k, k]
     grams: dict[str, np.ndarray] = field(default_factory=dict)
-    # layer -> rank chosen by global allocation (rank_allocation.py); None keeps the layer dense.
-    # Layers not in it follow the rank rule.
-    ranks: dict[str, int | None] = field(default_factory=dict)
+    # layer -> rank chosen by global allocation (rank_allocation.py), or fixed by error correction
+    # ((r_out, r_in) for a k x k conv's Tucker-2); None keeps the layer dense. Layers not in it
+    # follow the rank rule.
+    ranks: dict[str, int | tuple[int, ...] | None] = field(default_factory=dict)
     # layer -> X~^T X, its inputs in the compressed model against those in the original: the matrix
     # passes then truncate the error-correcting weight (numerics.whitening.corrected_weight)
     cross_grams: dict[str, np.ndarray] = field(default_factory=dict)
+    # k x k conv -> (P~^T P~, P~^T P) of its patch rows, compressed model against original: its
+    # Tucker-2 is then refitted to the original output (numerics.tucker.corrected_tucker2)
+    patch_grams: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     # when a dict, the matrix passes only measure: each layer's spectrum goes here, nothing is rewritten
     survey: dict[str, object] | None = None
     # layer -> its (whitened) SVD, so a survey and the rewrite after it factorize once
