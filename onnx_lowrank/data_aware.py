@@ -4,6 +4,8 @@
                      -> survey of every matrix layer's spectrum          \\
                      -> one global allocation for --target-*              -> context.ranks
     rewrite (the passes, whitened SVD where a Gram is known)
+    -> --error-correction: depth by depth, recapture each factorized layer's inputs in the model
+       compressed up to it and refit it to the original layer's output
     -> --max-error on held-back calibration samples: back off along the allocation, most damaging
        step first, to the most compressed model within the bound
 
@@ -236,9 +238,9 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
     depths = layer_depths(plan.normalized, {s.layer for s in specs})
     final = {r.name: (tuple(r.rank) if r.op == "Conv" and len(r.rank) == 2 else r.rank[0])
              for r in fitted.values() if r.name in depths}
-    ranks = {r.name: (r.rank[0] if r.decomposed else None) for r in report.layers
-             if r.pass_name in {e.name for e in entries} and r.method in (None, "svd", "whitened-svd")
-             and _matrix_layer(r)}
+    # the allocation's choices stand (layers it kept dense stay dense), the rank rule's are fixed
+    ranks = {**context.ranks, **{r.name: r.rank[0] for r in report.decomposed
+                                 if r.method in ("svd", "whitened-svd") and _matrix_layer(r)}}
     corrected = dataclasses.replace(context, grams=dict(context.grams), cross_grams={}, patch_grams={},
                                     decompositions={})
     for depth in sorted(set(depths.values())):

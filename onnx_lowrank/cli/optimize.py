@@ -39,8 +39,9 @@ def add_parser(sub) -> None:
                            "truncations minimise the error on these inputs (whitened SVD); --max-error is then checked "
                            "on held-back samples and ranks are backed off until it holds")
     data.add_argument("--error-correction", action="store_true",
-                      help="with --calibration, refit the factorized layers to the original outputs on the inputs "
-                           "they see in the compressed model (one more pass over the samples)")
+                      help="with --calibration, refit the factorized layers (k x k convs included) to the original "
+                           "outputs, depth by depth, on the inputs they see in the compressed model (one more pass "
+                           "over the samples per depth)")
     target = data.add_mutually_exclusive_group()
     target.add_argument("--target-flops", type=float_arg, metavar="F",
                         help="choose all ranks together so the candidate layers keep F of their MACs")
