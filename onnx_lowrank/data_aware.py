@@ -224,7 +224,15 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
     (numerics.tucker.corrected_tucker2). Layers at one depth (no factorized layer between them,
     as Q, K and V) are refitted from one pass over the calibration samples: one pass per depth."""
     options = context.options
-    if plan.data is None or not options.error_correction:
+    if plan.data is None:
+        return optimized, context
+    if not options.error_correction:
+        convs = sum(r.method == "whitened-tucker2" for r in report.decomposed)
+        if convs:
+            report.notes.append(f"{convs} k x k convs factorized without --error-correction: each was fitted to the "
+                                "original model's activations, and several compressed together compound their "
+                                "errors; --error-correction refits them depth by depth (on the bundled digits CNN "
+                                "at 2.64x fewer conv MACs: 88.4% -> 99.8% accuracy)")
         return optimized, context
     fitted = {r.name: r for r in report.decomposed
               if r.method == "whitened-svd" or (r.method == "whitened-tucker2" and len(r.rank) == 2)}
@@ -297,17 +305,18 @@ def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelPro
     if error <= bound:
         report.notes.append(f"--max-error {bound:g}: output error {error:.2e} on {_count(samples)} held-back samples")
         return optimized
-    path = plan.allocation.steps if plan.allocation is not None else _rank_rule_path(report)
+    allocated = plan.allocation is not None
+    path = plan.allocation.steps if allocated else _rank_rule_path(report)
     lo, hi = 0, len(path)          # prefix lo is within the bound (0: the original), prefix hi is not
     best = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, report))
+        model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, report, allocated))
         if _output_error(original, model, samples, context) <= bound:
             lo, best = mid, (model, records)
         else:
             hi = mid
-    model, records = best or rewrite(plan, original, context, entries, _prefix_ranks(path, 0, report))
+    model, records = best or rewrite(plan, original, context, entries, _prefix_ranks(path, 0, report, allocated))
     restored = {name for name, _ in path[lo:]} - {name for name, _ in path[:lo]}
     for r in (r for pass_records in records.values() for r in pass_records):
         if r.name in restored and not r.decomposed:
@@ -338,14 +347,23 @@ def _replace_records(report: Report, records: dict[str, list[LayerRecord]]) -> N
         report.passes[name] = sum(r.status != "skipped" for r in pass_records)
 
 
-def _rank_rule_path(report: Report) -> list[tuple[str, int]]:
-    done = [r for r in report.decomposed if r.method in ("svd", "whitened-svd")]
+def _rank_rule_path(report: Report) -> list[tuple[str, int | tuple[int, ...]]]:
+    """The rank rule's layers, least damaging first: SVD layers by their rank, Tucker-2 convs by
+    their (r_out, r_in) (context.ranks' two forms)."""
+    done = [r for r in report.decomposed if r.method in ("svd", "whitened-svd")
+            or (r.method in ("tucker2", "whitened-tucker2") and len(r.rank) == 2)]
     done.sort(key=lambda r: r.activation_error if r.activation_error is not None else (r.weight_error or 0.0))
-    return [(r.name, r.rank[0]) for r in done]
+    return [(r.name, r.rank[0] if len(r.rank) == 1 else tuple(r.rank)) for r in done]
 
 
-def _prefix_ranks(path: list[tuple[str, int]], count: int, report: Report) -> dict[str, int | None]:
-    ranks: dict[str, int | None] = {r.name: None for r in report.layers if r.max_rank is not None and _matrix_layer(r)}
+def _prefix_ranks(path: list[tuple[str, int | tuple[int, ...]]], count: int, report: Report, allocated: bool
+                  ) -> dict[str, int | tuple[int, ...] | None]:
+    """The first `count` steps of the path; its other layers dense. Under an allocation every matrix
+    layer it did not step stays dense too (the rank rule would decide them otherwise); the rank
+    rule's skipped layers it decides again, the same way."""
+    ranks: dict[str, int | tuple[int, ...] | None] = {}
+    if allocated:
+        ranks = {r.name: None for r in report.layers if r.max_rank is not None and _matrix_layer(r)}
     ranks.update({name: None for name, _ in path})
     for name, rank in path[:count]:
         ranks[name] = rank

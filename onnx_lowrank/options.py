@@ -51,8 +51,10 @@ class Options:
     target_flops: float | None = None    # MACs of the candidate layers, as a fraction of their dense MACs
     target_params: float | None = None   # parameters of the candidate layers, likewise
     target_speedup: float | None = None  # whole-model speedup, through the FLOP model and measured layer times
-    # with calibration: refit the factorized layers on the compressed model's activations. Off by
-    # default: on MiniLM it did not beat plain whitening on unseen texts (benchmarks/README_minilm.md)
+    # with calibration: refit the factorized layers, depth by depth, on the compressed model's
+    # activations. Off by default: it costs one pass over the samples per depth (MiniLM: 19 passes,
+    # 14 s -> 190 s) and gained MiniLM little (cosine 0.940 -> 0.946), while on the digits CNN it is
+    # what keeps accuracy (88.4% -> 99.8% at 2.64x fewer conv MACs): optimize says so where it applies
     error_correction: bool = False
     # proof
     validate: bool = True

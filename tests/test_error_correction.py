@@ -124,6 +124,8 @@ def test_error_correction_refits_a_conv_chain_depth_by_depth(conv_calib):
     corrected, report = optimize(model, error_correction=True, **options)
     assert [r.method for r in report.decomposed] == ["whitened-tucker2", "whitened-tucker2", "whitened-svd"]
     assert [r.rank for r in report.decomposed] == [r.rank for r in plain_report.decomposed]
+    assert any("2 k x k convs factorized without --error-correction" in n for n in plain_report.notes)
+    assert not any("without --error-correction" in n for n in report.notes)
     assert any("3 layers refitted" in n and "3 passes" in n for n in report.notes), report.notes
     assert error(corrected) < 0.93 * error(whitened), (error(whitened), error(corrected))
 
@@ -148,3 +150,18 @@ def test_error_correction_keeps_the_digits_cnn_accurate_where_whitening_alone_do
     assert sum(r.op == "Conv" for r in report.decomposed) == 7
     assert accuracy(whitened) < baseline - 0.05
     assert accuracy(corrected) >= baseline - 0.005
+
+
+def test_max_error_backs_off_tucker2_convs_too(conv_calib):
+    """--max-error's back-off path holds the rank rule's Tucker-2 convs (ranks (r_out, r_in)) as
+    well as its SVD layers. At rank 8 both 3x3 convs factorize (held-back output error 0.61);
+    under 0.4 the more damaging conv2 is restored and conv1 kept (measured 0.397)."""
+    model = conv_chain()
+    options = dict(rank=8, rank_multiple=1, calibration=conv_calib, skip=only("decompose"), error_correction=True)
+    _, full = optimize(model, validate=False, **options)
+    assert [r.name for r in full.decomposed] == ["conv1", "conv2"]
+    _, report = optimize(model, max_error=0.4, **options)
+    conv1, conv2 = report.layers[:2]
+    assert conv1.decomposed and conv1.rank == [8, 8]
+    assert not conv2.decomposed and conv2.reason == "restored by --max-error 0.4"
+    assert report.parity.passed and report.parity.outputs[0].rel_l2_error <= 0.4

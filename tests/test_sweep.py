@@ -69,6 +69,7 @@ def test_cli_exits_1_when_no_point_meets_max_error(model_path, tmp_path, capsys)
     (["--targets", "0.5,abc"], "--targets: expected comma-separated numbers"),
     (["--targets", "1.5"], "--target-flops must be in (0, 1)"),
     (["--target-kind", "speedup", "--targets", "0.5"], "--target-speedup must be > 1"),
+    (["--error-correction"], "--error-correction refits layers on calibration samples: it needs --calibration"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(model_path, tmp_path, capsys, args, message):
     assert main(["sweep", model_path, "--out-dir", str(tmp_path), *args, *TINY]) == 2

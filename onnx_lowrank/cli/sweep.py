@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out-dir", required=True, metavar="DIR", help="each point's model is written here as "
                                                                    "<stem>.<kind><t>.onnx")
     p.add_argument("--calibration", metavar="FILE.npz|DIR", help="calibration samples, as for optimize")
+    p.add_argument("--error-correction", action="store_true",
+                   help="with --calibration, refit the factorized layers depth by depth, as for optimize")
     p.add_argument("--targets", metavar="T[,T...]",
                    help="comma-separated targets (default flops/params " +
                         ",".join(map(str, DEFAULT_TARGETS["flops"])) + "; speedup " +
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_path(args.input)
     targets = None if args.targets is None else [_target(text) for text in args.targets.split(",") if text.strip()]
     inputs = input_options(args)
-    options = Options(calibration=args.calibration, measure=args.measure, conv_method=args.conv_method, ops=args.ops,
+    options = Options(calibration=args.calibration, error_correction=args.error_correction, measure=args.measure, conv_method=args.conv_method, ops=args.ops,
                       include=args.include, exclude=args.exclude, skip=skip_list(args.skip),
                       shape=parse_shapes(args.shape), batch=args.batch, seed=args.seed, provider=args.provider)
     plan: TimingPlan = replace(SWEEP_PLAN, blocks=args.blocks, max_blocks=3 * args.blocks,

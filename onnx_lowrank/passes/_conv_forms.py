@@ -147,8 +147,7 @@ def plan_conv(context: PassContext, node: gs.Node, w: np.ndarray, geometry: Laye
     if fixed:
         ranks = context.ranks[name]
         if ranks is None:
-            return None, [Refusal("tucker2", "kept dense by error correction while the layers before it are refitted")], \
-                tucker2_decision
+            return None, [Refusal("tucker2", "kept dense by the data-aware rank plan")], tucker2_decision
         tucker2_decision = dataclasses.replace(tucker2_decision, ranks=tuple(ranks), reason="")
         methods = ["tucker2"]
     layer = _Layer(w, dict(node.attrs), stride, context, geometry, bases, tucker2_decision, whitened,
