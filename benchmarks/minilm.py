@@ -102,6 +102,10 @@ def main() -> None:
     configs.append(("full + error correction, target-flops 0.72",
                     dict(calibration=calib, target_flops=0.72, error_correction=True)))
     configs.append(("full, target-speedup 1.3 (acceptance command)", dict(calibration=calib, target_speedup=1.3)))
+    configs.append(("full + error correction, target-speedup 1.3",
+                    dict(calibration=calib, target_speedup=1.3, error_correction=True)))
+    configs.append(("full + error correction, target-flops 0.8",
+                    dict(calibration=calib, target_flops=0.8, error_correction=True)))
     configs.append(("full, target-speedup 1.3, max-error 0.3", dict(calibration=calib, target_speedup=1.3,
                                                                        max_error=0.3)))
     rows = []

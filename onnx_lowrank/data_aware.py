@@ -235,17 +235,16 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
                                 "at 2.64x fewer conv MACs: 88.4% -> 99.8% accuracy)")
         return optimized, context
     fitted = {r.name: r for r in report.decomposed
-              if r.method == "whitened-svd" or (r.method == "whitened-tucker2" and len(r.rank) == 2)}
+              if r.method == "whitened-svd" or (r.method == "whitened-tucker2" and _tucker2(r))}
     specs = capture_specs(plan.normalized, options, patches=True)
     users = Counter(s.weight for s in specs)
-    # a shared weight has one factorization; a k x k conv is refitted on its unfolded patches
+    # a shared weight has one factorization; a Tucker-2 conv is refitted on its unfolded patches
     specs = [s for s in specs if s.layer in fitted and users[s.weight] == 1
-             and (s.window is not None or fitted[s.layer].op != "Conv" or all(d == 1 for d in fitted[s.layer].weight_shape[2:]))]
+             and (s.window is not None or not _tucker2(fitted[s.layer]))]
     if not specs:
         return optimized, context
     depths = layer_depths(plan.normalized, {s.layer for s in specs})
-    final = {r.name: (tuple(r.rank) if r.op == "Conv" and len(r.rank) == 2 else r.rank[0])
-             for r in fitted.values() if r.name in depths}
+    final = {r.name: (tuple(r.rank) if _tucker2(r) else r.rank[0]) for r in fitted.values() if r.name in depths}
     # the allocation's choices stand (layers it kept dense stay dense), the rank rule's are fixed
     ranks = {**context.ranks, **{r.name: r.rank[0] for r in report.decomposed
                                  if r.method in ("svd", "whitened-svd") and _matrix_layer(r)}}
@@ -259,7 +258,7 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
                                     provider=options.provider, on_batch=on_batch)
         for spec in level:
             gram, cross = pairs[spec.layer]
-            if spec.window is not None and fitted[spec.layer].op == "Conv" and len(fitted[spec.layer].rank) == 2:
+            if _tucker2(fitted[spec.layer]):
                 corrected.patch_grams[spec.layer] = (gram, cross)
             else:
                 corrected.grams[spec.layer], corrected.cross_grams[spec.layer] = gram, cross
@@ -351,7 +350,7 @@ def _rank_rule_path(report: Report) -> list[tuple[str, int | tuple[int, ...]]]:
     """The rank rule's layers, least damaging first: SVD layers by their rank, Tucker-2 convs by
     their (r_out, r_in) (context.ranks' two forms)."""
     done = [r for r in report.decomposed if r.method in ("svd", "whitened-svd")
-            or (r.method in ("tucker2", "whitened-tucker2") and len(r.rank) == 2)]
+            or (r.method in ("tucker2", "whitened-tucker2") and _tucker2(r))]
     done.sort(key=lambda r: r.activation_error if r.activation_error is not None else (r.weight_error or 0.0))
     return [(r.name, r.rank[0] if len(r.rank) == 1 else tuple(r.rank)) for r in done]
 
@@ -368,6 +367,11 @@ def _prefix_ranks(path: list[tuple[str, int | tuple[int, ...]]], count: int, rep
     for name, rank in path[:count]:
         ranks[name] = rank
     return ranks
+
+
+def _tucker2(record: LayerRecord) -> bool:
+    """A conv factorized as Tucker-2 (ranks (r_out, r_in), context.ranks' tuple form)."""
+    return record.op == "Conv" and record.rank is not None and len(record.rank) == 2
 
 
 def _matrix_layer(record: LayerRecord) -> bool:
