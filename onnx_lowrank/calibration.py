@@ -230,7 +230,7 @@ def _captures(models: list[onnx.ModelProto], specs: list[CaptureSpec], data: Cal
               ) -> Iterator[tuple[int, list[dict[str, np.ndarray]], np.ndarray | None]]:
     """Per batch: its sample count, each model's captured tensors by name, and the padding mask."""
     config = runtime.SessionConfig(provider=provider, optimize=False)
-    sessions = [runtime.make_session(_with_outputs(model, specs), config) for model in models]
+    sessions = [runtime.make_session(_capture_model(model, specs), config) for model in models]
     input_names = [i.name for i in sessions[0].get_inputs()]
     mask_name = _mask_input(sessions[0])
     for batch in data.batches(start, stop, batch_size):
@@ -259,16 +259,45 @@ def _side(axis: int) -> str:
     return "left" if axis == -2 or axis == 1 else "right"
 
 
-def _with_outputs(model: onnx.ModelProto, specs: list[CaptureSpec]) -> onnx.ModelProto:
+def _capture_model(model: onnx.ModelProto, specs: list[CaptureSpec]) -> onnx.ModelProto:
+    """The model with the captured tensors as its only outputs and only the nodes they need: ORT
+    runs every node of a graph whatever outputs a run asks for, and error correction makes one pass
+    per depth, which would otherwise each pay for the whole model. The graph inputs all stay (an
+    unused one is allowed), so every pass takes the same feeds."""
+    wanted: dict[str, np.dtype] = {}
+    for spec in specs:
+        wanted.setdefault(spec.tensor, spec.dtype)
+    needed = set(wanted)
+    kept = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_inputs(node))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for spec in specs:
-        if spec.tensor not in present:
-            elem = onnx.helper.np_dtype_to_tensor_dtype(spec.dtype)
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(spec.tensor, elem, None))
-            present.add(spec.tensor)
+    graph = probe.graph
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.output[:]
+    graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(dtype), None)
+                        for name, dtype in wanted.items())
     return probe
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name the node's subgraphs (If / Loop / Scan bodies) read: a superset of the
+    outer-scope names they use, which is all the pruning needs."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for body in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in body.node:
+                names.update(inner.input)
+                names.update(_subgraph_inputs(inner))
+    return names
 
 
 def _mask_input(session) -> str | None:

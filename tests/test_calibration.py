@@ -122,3 +122,26 @@ def test_batches_cover_a_range_across_files(tmp_path):
     data = CalibrationData((tmp_path / "a.npz", tmp_path / "b.npz"), (3, 4))
     got = np.concatenate([b["x"][:, 0] for b in data.batches(2, 6, batch_size=2)])
     np.testing.assert_array_equal(got, [2, 3, 4, 5])
+
+
+def test_capture_model_keeps_only_what_the_captured_tensors_need(tmp_path):
+    """A depth's pass runs the model only up to the layers it captures; an If whose branch reads an
+    outer tensor keeps that tensor's producer. The pruned model gives the same Gram."""
+    from onnx_lowrank.calibration import _capture_model
+    model = model_from_text(
+        "(float[N, 16] x) => (float[N, 8] y) { c = Constant<value = bool[1] {0}>() "
+        "[fc1] h = MatMul(x, W1) r = Relu(h) s = Sigmoid(h) "
+        "g = If(c) <then_branch = t () => (float[N, 32] o) { o = Identity(s) }, "
+        "else_branch = e () => (float[N, 32] o) { o = Identity(r) }> [fc2] y = MatMul(g, W2) }", W1=W1, W2=W2)
+    specs = capture_specs(import_graph(model), Options())
+    fc1 = [s for s in specs if s.layer == "fc1"]
+    pruned = _capture_model(model, fc1)
+    assert [n.op_type for n in pruned.graph.node] == [] and [o.name for o in pruned.graph.output] == ["x"]
+    assert [t.name for t in pruned.graph.initializer] == [] and len(pruned.graph.input) == 1
+    fc2 = _capture_model(model, [s for s in specs if s.layer == "fc2"])
+    assert [n.op_type for n in fc2.graph.node] == ["Constant", "MatMul", "Relu", "Sigmoid", "If"]
+    x = RNG.standard_normal((6, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    data = load_calibration(tmp_path / "calib.npz", ["x"])
+    hidden = np.maximum(x.astype(np.float64) @ W1.astype(np.float64), 0)
+    np.testing.assert_allclose(collect_grams(model, specs, data).grams["fc2"], hidden.T @ hidden, rtol=RTOL, atol=1e-4)
