@@ -49,6 +49,7 @@ MODEL = ROOT / "models" / "cnn_digits.onnx"
 TEST = ROOT / "models" / "digits_test.npz"
 TARGET_SPEEDUP = 2.0
 TARGET_LOSS = 0.5   # percentage points
+RULE_LABELS = {"rank_ratio": "ratio", "energy": "energy", "target_flops": "flops"}
 
 
 def load() -> str:
@@ -91,7 +92,8 @@ def conv_ms(models, config, feeds, rounds: int, runs: int) -> tuple[float, float
 
 def settings(args) -> list[tuple[str, str, float]]:
     rules = [("rank_ratio", float(v)) for v in args.ratios.split(",") if v] + \
-            [("energy", float(v)) for v in args.energies.split(",") if v]
+            [("energy", float(v)) for v in args.energies.split(",") if v] + \
+            [("target_flops", float(v)) for v in args.target_flops.split(",") if v]
     return [(method, rule, value) for method in args.methods.split(",") for rule, value in rules]
 
 
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="tucker2,spatial-svd,branched-tucker")
     parser.add_argument("--ratios", default="0.9,0.75,0.6,0.5,0.4,0.3,0.25")
     parser.add_argument("--energies", default="0.999,0.995,0.99,0.97,0.95,0.9")
+    parser.add_argument("--target-flops", default="", metavar="F[,F...]",
+                        help="global rank allocation to these MAC ratios of the conv layers (e.g. 0.5,0.38)")
+    parser.add_argument("--rank-multiple", type=int, default=8, help="optimize's --rank-multiple (default 8)")
     parser.add_argument("--include", help="optimize's --include: a regex of the conv layers to decompose")
     parser.add_argument("--exclude", help="optimize's --exclude, e.g. stem (its 1-channel 3x3 kernels are rank 3)")
     parser.add_argument("--branches", type=int, default=4, help="groups of the branched-tucker core (default 4)")
@@ -135,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         optimized, report = onnx_lowrank.optimize(str(MODEL), conv_method=method, ops="conv", measure=False,
                                                   validate=False, include=args.include, exclude=args.exclude,
                                                   branches=args.branches, calibration=args.calibration,
+                                                  rank_multiple=args.rank_multiple,
                                                   error_correction=args.error_correction, **{rule: value})
         before, after, decomposed, convs = conv_macs(report)
         acc = accuracy(optimized, images, labels)
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                "error_correction": args.error_correction,
                "branches": args.branches if method == "branched-tucker" else None, "load": os.getloadavg()[0]}
         rows.append(row)
-        label = f"{'ratio' if rule == 'rank_ratio' else 'energy'} {value:g}"
+        label = f"{RULE_LABELS[rule]} {value:g}"
         print(f"{method:<15} {label:<16} {decomposed:>3}/{convs:<2} {before / after:>8.2f}x {acc:>8.2%} "
               f"{loss:>7.2f} {result.speedup:>6.2f}x ({result.speedup_ci_low:.2f}-{result.speedup_ci_high:.2f}) "
               f"{dense_ms:>5.2f}->{low_ms:<5.2f} {conv_speedup:>5.2f}x  {'MET' if hit else ''}", flush=True)

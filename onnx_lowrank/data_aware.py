@@ -1,7 +1,7 @@
 """The data-aware path of optimize, around the decompose stage:
 
     normalized graph -> calibration Grams per layer (calibration.py)    -> context.grams
-                     -> survey of every matrix layer's spectrum          \\
+                     -> survey of every matrix and Tucker-2 conv layer's spectrum \\
                      -> one global allocation for --target-*              -> context.ranks
     rewrite (the passes, whitened SVD where a Gram is known)
     -> --error-correction: depth by depth, recapture each factorized layer's inputs in the model
@@ -31,8 +31,8 @@ from .graph import export_graph
 from .parity import check_parity
 from .passes import PassContext, PassEntry
 from .passes.base import layer_name, unique_name
-from .rank_allocation import (Allocation, LayerSpectrum, allocate_ranks, flop_ratio_for_speedup, predicted_error,
-                              rank_grid)
+from .rank_allocation import (Allocation, ConvSpectrum, Spectrum, allocate_ranks, flop_ratio_for_speedup,
+                              predicted_error, rank_grid)
 from .report import LayerRecord, Report
 
 #: Share of the calibration samples held back to check --max-error: errors measured on the samples
@@ -54,7 +54,7 @@ class DataPlan:
     data: CalibrationData | None = None
     fit_stop: int = 0                       # samples [0, fit_stop) calibrate, the rest are held back
     allocation: Allocation | None = None
-    spectra: list[LayerSpectrum] = field(default_factory=list)
+    spectra: list[Spectrum] = field(default_factory=list)
 
     def held_back(self) -> list[dict]:
         return [] if self.data is None else list(self.data.batches(self.fit_stop))
@@ -85,8 +85,7 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
     if options.target is not None:
         plan.spectra = survey(graph, context, decompose)
         if options.calibration is not None:
-            plan.spectra = [dataclasses.replace(s, positions=calibration.positions.get(s.name, s.positions))
-                            for s in plan.spectra]
+            plan.spectra = [_per_sample(s, calibration.positions) for s in plan.spectra]
         if plan.data is not None:
             weights = sensitivities(plan, original, context)
             if weights:
@@ -107,15 +106,24 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
     return plan
 
 
-def survey(graph: gs.Graph, context: PassContext, decompose: list[PassEntry]) -> list[LayerSpectrum]:
-    """Every matrix layer's spectrum, measured by the decompose passes on a copy that they leave
-    unchanged (factorize_matrix only records in survey mode); the SVDs are kept for the rewrite."""
+def survey(graph: gs.Graph, context: PassContext, decompose: list[PassEntry]) -> list[Spectrum]:
+    """Every matrix layer's and Tucker-2 conv's spectrum, measured by the decompose passes on a copy
+    that they leave unchanged (they only record in survey mode); the SVDs are kept for the rewrite."""
     probe = dataclasses.replace(context, survey={}, names=set(context.names), factors={},
                                 on_layer=lambda name: None)
     copy = graph.copy()
     for entry in decompose:
         entry.run(copy, probe)
     return list(probe.survey.values())
+
+
+def _per_sample(spectrum: Spectrum, positions: dict[str, float]) -> Spectrum:
+    """Costs per calibration sample, the unit the calibration counted rows in: a matrix layer's
+    rows, a conv's output pixels (its channel Gram counted input pixels)."""
+    if spectrum.name not in positions:
+        return spectrum
+    rows = positions[spectrum.name]
+    return dataclasses.replace(spectrum, positions=rows / spectrum.stride if isinstance(spectrum, ConvSpectrum) else rows)
 
 
 def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContext) -> dict[str, float] | None:
@@ -304,18 +312,21 @@ def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelPro
     if error <= bound:
         report.notes.append(f"--max-error {bound:g}: output error {error:.2e} on {_count(samples)} held-back samples")
         return optimized
+    # under an allocation every layer it surveyed and did not step stays dense (the rank rule would
+    # decide them otherwise); the rank rule's skipped layers it decides again, the same way
     allocated = plan.allocation is not None
     path = plan.allocation.steps if allocated else _rank_rule_path(report)
+    dense = set(plan.allocation.ranks) if allocated else set()
     lo, hi = 0, len(path)          # prefix lo is within the bound (0: the original), prefix hi is not
     best = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, report, allocated))
+        model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, dense))
         if _output_error(original, model, samples, context) <= bound:
             lo, best = mid, (model, records)
         else:
             hi = mid
-    model, records = best or rewrite(plan, original, context, entries, _prefix_ranks(path, 0, report, allocated))
+    model, records = best or rewrite(plan, original, context, entries, _prefix_ranks(path, 0, dense))
     restored = {name for name, _ in path[lo:]} - {name for name, _ in path[:lo]}
     for r in (r for pass_records in records.values() for r in pass_records):
         if r.name in restored and not r.decomposed:
@@ -355,14 +366,10 @@ def _rank_rule_path(report: Report) -> list[tuple[str, int | tuple[int, ...]]]:
     return [(r.name, r.rank[0] if len(r.rank) == 1 else tuple(r.rank)) for r in done]
 
 
-def _prefix_ranks(path: list[tuple[str, int | tuple[int, ...]]], count: int, report: Report, allocated: bool
+def _prefix_ranks(path: list[tuple[str, int | tuple[int, ...]]], count: int, dense: set[str]
                   ) -> dict[str, int | tuple[int, ...] | None]:
-    """The first `count` steps of the path; its other layers dense. Under an allocation every matrix
-    layer it did not step stays dense too (the rank rule would decide them otherwise); the rank
-    rule's skipped layers it decides again, the same way."""
-    ranks: dict[str, int | tuple[int, ...] | None] = {}
-    if allocated:
-        ranks = {r.name: None for r in report.layers if r.max_rank is not None and _matrix_layer(r)}
+    """The first `count` steps of the path; its other layers and `dense` kept dense."""
+    ranks: dict[str, int | tuple[int, ...] | None] = dict.fromkeys(dense)
     ranks.update({name: None for name, _ in path})
     for name, rank in path[:count]:
         ranks[name] = rank

@@ -1,11 +1,13 @@
-"""Global rank allocation: every matrix layer's rank chosen together to meet one target.
+"""Global rank allocation: every layer's rank chosen together to meet one target.
 
     minimise   sum_l e_l(r_l)^2            (predicted output error: squared relative errors add)
     subject to sum_l cost_l(r_l) <= ratio * sum_l cost_l(dense)
 
 e_l(r) is the layer's relative output error at rank r: activation-weighted (whitened singular
 values) when calibration data is given, the weight's own Frobenius error otherwise. A layer is
-either dense or at a rank that pays (<= its max_rank); between ranks, costs are linear in r.
+either dense or at a rank on its grid, every one of which pays: a matrix layer (LayerSpectrum) at
+a rank r <= its max_rank, a k x k conv (ConvSpectrum) at Tucker-2 ranks (r_out, r_in) that shrink
+together, with the HOSVD bound e^2 = e_out(r_out)^2 + e_in(r_in)^2.
 
 Greedy on marginal error per unit of cost saved: each layer offers its best next move (to any lower
 rank on its rank grid: the steepest chord, so a layer whose first step barely pays is not passed
@@ -17,9 +19,13 @@ met. The moves taken are kept in order: undoing them from the last is the back-o
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
+from typing import Hashable, Protocol
 
 import numpy as np
+
+from .numerics import ranks as R
 
 COSTS = ("flops", "params")
 
@@ -42,18 +48,66 @@ class LayerSpectrum:
     def squared_error(self, rank: int | None) -> float:
         return 0.0 if rank is None else float(self.errors[rank]) ** 2
 
+    def grid(self, multiple: int) -> list[int]:
+        return rank_grid(self, multiple)
+
+
+@dataclass(frozen=True)
+class ConvSpectrum:
+    """What allocation needs of one k x k conv W [O, I, *k] factorized as Tucker-2."""
+
+    name: str
+    out_ch: int
+    in_ch: int
+    kernel: int                 # prod of the kernel dims
+    stride: int                 # prod of the strides
+    out_errors: np.ndarray      # relative error by output-mode rank, 0..O
+    in_errors: np.ndarray       # relative error by input-mode rank, 0..I
+    min_flop_reduction: float
+    positions: float = 1.0      # output pixels per inference
+
+    def cost(self, ranks: tuple[int, int] | None, kind: str) -> float:
+        if kind == "flops":
+            return self.positions * R.tucker2_macs(self.out_ch, self.in_ch, self.kernel, self.stride,
+                                                   *(ranks or (None, None)))
+        if ranks is None:
+            return self.out_ch * self.in_ch * self.kernel
+        r_out, r_in = ranks
+        return self.out_ch * r_out + r_out * r_in * self.kernel + r_in * self.in_ch
+
+    def squared_error(self, ranks: tuple[int, int] | None) -> float:
+        return 0.0 if ranks is None else float(self.out_errors[ranks[0]] ** 2 + self.in_errors[ranks[1]] ** 2)
+
+    def grid(self, multiple: int) -> list[tuple[int, int]]:
+        """Descending: r_in on its multiples, r_out in proportion (O / I), both rounded up to a
+        multiple, kept where the MACs pay."""
+        grid = []
+        for r_in in range(self.in_ch - self.in_ch % multiple or self.in_ch, 0, -multiple):
+            r_out = min(self.out_ch, max(multiple, math.ceil(r_in * self.out_ch / self.in_ch / multiple) * multiple))
+            if R.tucker2_pays(self.out_ch, self.in_ch, self.kernel, self.stride, r_out, r_in, self.min_flop_reduction):
+                grid.append((r_out, r_in))
+        return grid
+
+
+class Spectrum(Protocol):
+    name: str
+
+    def cost(self, rank, kind: str) -> float: ...
+    def squared_error(self, rank) -> float: ...
+    def grid(self, multiple: int) -> list: ...
+
 
 @dataclass
 class Allocation:
-    ranks: dict[str, int | None]                 # None: dense
-    steps: list[tuple[str, int]] = field(default_factory=list)   # (layer, new rank), in order taken
+    ranks: dict[str, Hashable | None]            # None: dense; an int, or (r_out, r_in) for a conv
+    steps: list[tuple[str, Hashable]] = field(default_factory=list)   # (layer, new rank), in order taken
     cost_before: float = 0.0
     cost_after: float = 0.0
     met: bool = True
 
-    def after(self, count: int) -> dict[str, int | None]:
+    def after(self, count: int) -> dict[str, Hashable | None]:
         """The ranks after the first `count` steps: the back-off path replays a prefix."""
-        ranks: dict[str, int | None] = {name: None for name in self.ranks}
+        ranks: dict[str, Hashable | None] = {name: None for name in self.ranks}
         for name, rank in self.steps[:count]:
             ranks[name] = rank
         return ranks
@@ -70,13 +124,13 @@ def rank_grid(spectrum: LayerSpectrum, multiple: int) -> list[int]:
     return list(range(top - top % multiple, 0, -multiple))
 
 
-def allocate_ranks(layers: list[LayerSpectrum], ratio: float, kind: str = "flops", multiple: int = 8) -> Allocation:
+def allocate_ranks(layers: list[Spectrum], ratio: float, kind: str = "flops", multiple: int = 8) -> Allocation:
     """Ranks for `layers` so that their total cost is at most ratio x the dense total."""
     if kind not in COSTS:
         raise ValueError(f"kind must be one of {COSTS}, got {kind!r}")
-    grids = {layer.name: rank_grid(layer, multiple) for layer in layers}
+    grids = {layer.name: layer.grid(multiple) for layer in layers}
     by_name = {layer.name: layer for layer in layers}
-    state: dict[str, int | None] = {layer.name: None for layer in layers}
+    state: dict[str, Hashable | None] = {layer.name: None for layer in layers}
     before = sum(layer.cost(None, kind) for layer in layers)
     budget = ratio * before
     total = before
@@ -98,13 +152,12 @@ def allocate_ranks(layers: list[LayerSpectrum], ratio: float, kind: str = "flops
     return Allocation(state, steps, before, total, met=total <= budget * (1 + 1e-12))
 
 
-def _best_move(layer: LayerSpectrum, current: int | None, grid: list[int], kind: str) -> tuple[float, int] | None:
-    """(error added per unit of cost saved, new rank) of the steepest-descent chord from `current`."""
+def _best_move(layer: Spectrum, current: Hashable | None, grid: list, kind: str) -> tuple[float, Hashable] | None:
+    """(error added per unit of cost saved, new rank) of the steepest-descent chord from `current`
+    to any smaller rank (later on the descending grid)."""
     cost, error = layer.cost(current, kind), layer.squared_error(current)
     best = None
-    for rank in grid:
-        if current is not None and rank >= current:
-            continue
+    for rank in grid[grid.index(current) + 1:] if current is not None else grid:
         saved = cost - layer.cost(rank, kind)
         if saved <= 0:
             continue
@@ -114,7 +167,7 @@ def _best_move(layer: LayerSpectrum, current: int | None, grid: list[int], kind:
     return best
 
 
-def predicted_error(layers: list[LayerSpectrum], ranks: dict[str, int | None]) -> float:
+def predicted_error(layers: list[Spectrum], ranks: dict[str, Hashable | None]) -> float:
     """sqrt(sum e_l^2): the output error if layer errors were independent and passed through unscaled."""
     return float(np.sqrt(sum(layer.squared_error(ranks.get(layer.name)) for layer in layers)))
 

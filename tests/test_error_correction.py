@@ -165,3 +165,23 @@ def test_max_error_backs_off_tucker2_convs_too(conv_calib):
     assert conv1.decomposed and conv1.rank == [8, 8]
     assert not conv2.decomposed and conv2.reason == "restored by --max-error 0.4"
     assert report.parity.passed and report.parity.outputs[0].rel_l2_error <= 0.4
+
+
+def test_target_flops_allocates_tucker2_ranks_and_backs_them_off(conv_calib):
+    """--target-flops chooses the convs' Tucker-2 ranks together (rank_allocation.ConvSpectrum), and
+    --max-error replays a prefix of the allocation's steps. Measured: (8, 8) and (12, 12), 0.55 of the
+    MACs, held-back error 0.47; under 0.3, conv2 dense and conv1 at (12, 12), error 0.23."""
+    model = conv_chain()
+    options = dict(target_flops=0.6, rank_multiple=4, calibration=conv_calib, skip=only("decompose"),
+                   error_correction=True)
+    _, report = optimize(model, validate=False, **options)
+    assert [(r.name, r.method) for r in report.decomposed] == [("conv1", "whitened-tucker2"),
+                                                               ("conv2", "whitened-tucker2")]
+    totals = report.totals()
+    assert totals["layer_macs_after"] <= 0.6 * totals["layer_macs_before"]
+    assert report.layers[2].reason == "kept dense by the global rank allocation"
+    assert any(n.startswith("rank allocation: 2 of 3 layers factorized") for n in report.notes)
+    _, bounded = optimize(model, max_error=0.3, **options)
+    conv1, conv2, _ = bounded.layers
+    assert conv1.decomposed and conv2.reason == "restored by --max-error 0.3"
+    assert bounded.parity.passed and bounded.parity.outputs[0].rel_l2_error <= 0.3

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from onnx_lowrank.numerics.ranks import matrix_max_rank
+from onnx_lowrank.numerics.ranks import matrix_max_rank, tucker2_macs, tucker2_pays
 from onnx_lowrank.numerics.svd import relative_error_by_rank
-from onnx_lowrank.rank_allocation import (LayerSpectrum, allocate_ranks, flop_ratio_for_speedup, predicted_error,
+from onnx_lowrank.rank_allocation import (ConvSpectrum, LayerSpectrum, allocate_ranks, flop_ratio_for_speedup, predicted_error,
                                           rank_grid)
 
 
@@ -71,3 +71,26 @@ def test_flop_ratio_for_speedup_is_amdahl():
     assert flop_ratio_for_speedup(1.25, 1.0) == pytest.approx(0.8)
     assert flop_ratio_for_speedup(1.25, 0.5) == pytest.approx(0.6)
     assert flop_ratio_for_speedup(3.0, 0.5) < 0     # out of reach: the rest takes half the time
+
+
+def conv(name, out_ch, in_ch, decay, positions=64.0, stride=1):
+    errors = [relative_error_by_rank(np.exp(-decay * np.arange(c))) for c in (out_ch, in_ch)]
+    return ConvSpectrum(name, out_ch, in_ch, 9, stride, *errors, 0.1, positions)
+
+
+def test_conv_grid_shrinks_both_modes_together_and_every_step_pays():
+    spectrum = conv("c", 64, 32, 0.1)
+    # (64, 32) costs 23552 MACs a pixel against 18432 dense; (48, 24) 14208, within 90% of dense
+    assert spectrum.grid(8) == [(48, 24), (32, 16), (16, 8)]
+    assert not tucker2_pays(64, 32, 9, 1, 64, 32, 0.1)
+    assert spectrum.cost((16, 8), "flops") == 64 * tucker2_macs(64, 32, 9, 1, 16, 8)
+    assert spectrum.cost(None, "params") == 64 * 32 * 9
+    assert spectrum.squared_error((16, 8)) == pytest.approx(spectrum.out_errors[16] ** 2 + spectrum.in_errors[8] ** 2)
+
+
+def test_convs_and_matrices_share_one_budget():
+    """A conv whose spectrum falls fast gives up its MACs before a flat matrix layer does."""
+    layers = [conv("conv", 64, 64, 0.3), layer("fc", 64, 64, 0.001, positions=64)]
+    allocation = allocate_ranks(layers, 0.6, "flops")
+    assert allocation.met and isinstance(allocation.ranks["conv"], tuple) and allocation.ranks["fc"] is None
+    assert allocation.after(len(allocation.steps)) == allocation.ranks

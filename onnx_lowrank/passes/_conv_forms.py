@@ -36,8 +36,9 @@ from ..numerics.spatial_svd import spatial_spectrum, spatial_svd, spatial_svd_ma
 from ..numerics.svd import relative_error_by_rank
 from ..numerics.tucker import (ModeBasis, WhitenedBases, channel_bases, corrected_tucker2, relative_error, tucker2,
                                tucker2_reconstruct, whiten_channels, whitened_channel_bases)
+from ..rank_allocation import ConvSpectrum
 from ..rank_choice import MeasuredDecision, RankDecision, choose_tucker2_ranks, error_budget, search_ranks
-from .base import PassContext, layer_name
+from .base import PassContext, layer_name, output_positions
 
 #: Growth of branched-tucker ranks while the block-term fit misses the error budget, and the most
 #: refits tried: each is an ALS fit, and a weight far from block-term structure never gets there.
@@ -143,11 +144,19 @@ def plan_conv(context: PassContext, node: gs.Node, w: np.ndarray, geometry: Laye
     tucker2_decision = choose_tucker2_ranks(s_out, s_in, w.shape[0], w.shape[1], math.prod(kernel_dims),
                                             stride, context.options)
     methods = conv_methods(context.options, kernel_dims)
+    if context.survey is not None:
+        # global allocation (rank_allocation.py) chooses Tucker-2 ranks; the other forms keep the rule
+        if "tucker2" in methods:
+            context.survey[name] = ConvSpectrum(name, w.shape[0], w.shape[1], math.prod(kernel_dims), stride,
+                                                relative_error_by_rank(s_out), relative_error_by_rank(s_in),
+                                                context.options.min_flop_reduction,
+                                                float(output_positions(context, node, 1) or 1))
+        return None, [Refusal("tucker2", "surveyed only")], tucker2_decision
     fixed = name in context.ranks
     if fixed:
         ranks = context.ranks[name]
         if ranks is None:
-            return None, [Refusal("tucker2", "kept dense by the data-aware rank plan")], tucker2_decision
+            return None, [Refusal("tucker2", "kept dense by the global rank allocation")], tucker2_decision
         tucker2_decision = dataclasses.replace(tucker2_decision, ranks=tuple(ranks), reason="")
         methods = ["tucker2"]
     layer = _Layer(w, dict(node.attrs), stride, context, geometry, bases, tucker2_decision, whitened,
