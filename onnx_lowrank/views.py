@@ -99,7 +99,8 @@ def parity_table(parity: ParityResult) -> str:
                      f"{o.rel_l2_error:.2e}", f"{o.cosine:.6f}",
                      f"{o.top1_agreement:.1%}" if o.top1_agreement is not None else "-", *tolerance,
                      "PASSED" if o.passed else "FAILED"])
-    head = (f"parity on {parity.provider} ({parity.samples} sample{'s' * (parity.samples != 1)}, "
+    # parity.samples counts runs, each a batch of the input shapes shown
+    head = (f"parity on {parity.provider} ({parity.samples} run{'s' * (parity.samples != 1)}, "
             f"inputs {', '.join(f'{k}:{chr(44).join(map(str, v))}' for k, v in parity.input_shapes.items())}); "
             f"pass if {parity.criterion}")
     headers = ["output", "shape", "max abs", "max rel", "rel l2", "cosine", "top-1", *(["pass if"] * per_output), "result"]
