@@ -279,7 +279,9 @@ def _capture_model(model: onnx.ModelProto, specs: list[CaptureSpec]) -> onnx.Mod
     graph = probe.graph
     del graph.node[:]
     graph.node.extend(reversed(kept))
-    initializers = [t for t in graph.initializer if t.name in needed]
+    # an initializer also listed as a graph input (IR < 4) stays: without it ORT would ask for a feed
+    declared = {i.name for i in graph.input}
+    initializers = [t for t in graph.initializer if t.name in needed or t.name in declared]
     del graph.initializer[:]
     graph.initializer.extend(initializers)
     del graph.output[:]
