@@ -57,13 +57,19 @@ def test_corrected_tucker2_undoes_a_channel_mixing_upstream():
     p, pt = _patch_stats(i, lambda x: np.einsum("ij,njhw->nihw", mix, x), window)
     target = p @ w.reshape(o, -1).T
 
-    def error(u_out, core, u_in):
+    def error(u_out, core, u_in, *truncation_error):
         return relative_error(pt @ tucker2_reconstruct(u_out, core, u_in).reshape(o, -1).T, target)
 
     gram, cross = pt.T @ pt, pt.T @ p
     plain = whitened_channel_bases(w, patch_channel_gram(gram, i))
     assert error(*corrected_tucker2(w, gram, cross, o, i, shrinkage=0.0)) < 1e-8
     assert error(*tucker2(w, o, i, whitened=plain)) > 0.3          # measured 0.68
+    # the reported error is the truncation's against the least-squares map on the reduced patches
+    u_out, core, u_in, reported = corrected_tucker2(w, gram, cross, 6, 4, shrinkage=0.0)
+    reduced = pt @ np.kron(u_in, np.eye(9))
+    fitted = reduced @ np.linalg.lstsq(reduced, target, rcond=None)[0]
+    chain = pt @ tucker2_reconstruct(u_out, core, u_in).reshape(o, -1).T
+    assert reported == pytest.approx(relative_error(chain, fitted), rel=1e-6)
     for ranks in [(8, 6), (6, 4)]:
         fixed, refit = error(*tucker2(w, *ranks, whitened=plain)), error(*corrected_tucker2(w, gram, cross, *ranks))
         assert refit < 0.7 * fixed, (ranks, fixed, refit)           # measured 0.44 / 0.62 against 0.73 / 0.81

@@ -122,7 +122,7 @@ def patch_channel_gram(patch_gram: np.ndarray, in_ch: int) -> np.ndarray:
 
 
 def corrected_tucker2(w: np.ndarray, patch_gram: np.ndarray, patch_cross: np.ndarray, rank_out: int, rank_in: int,
-                      shrinkage: float = SHRINKAGE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      shrinkage: float = SHRINKAGE) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Tucker-2 of w [O, I, *k] fitted to the conv's original output on the inputs it sees once the
     layers before it are truncated: P~ the patch rows it sees, P the original ones (numerics/
     patches.py), patch_gram = P~^T P~ and patch_cross = P~^T P, both [I k, I k].
@@ -133,7 +133,9 @@ def corrected_tucker2(w: np.ndarray, patch_gram: np.ndarray, patch_cross: np.nda
        reduced patches Z~ = P~ (u_in x I_k) to the outputs: refitted by least squares and truncated
        by whitened SVD on Z~'s Gram, the optimum for that u_in (reduced-rank regression).
 
-    Returns u_out [O, rank_out], core [rank_out, rank_in, *k], u_in [I, rank_in], as tucker2 does."""
+    Returns u_out [O, rank_out], core [rank_out, rank_in, *k], u_in [I, rank_in], as tucker2 does,
+    and the relative error of step 3's truncation on Z~ (the activation error of the chain against
+    the refitted map, as a corrected matrix layer's is against its corrected weight)."""
     o, i, *kernel = w.shape
     k = int(np.prod(kernel))
     target = np.asarray(w, dtype=np.float64).reshape(o, i * k).T          # y = p @ target
@@ -148,6 +150,7 @@ def corrected_tucker2(w: np.ndarray, patch_gram: np.ndarray, patch_cross: np.nda
         reduced_cross = projection.T @ cross
         prior = (u_full @ core_full.reshape(o, rank_in * k)).T             # the uncorrected Tucker map
         fitted = corrected_weight(target, reduced_gram, reduced_cross, shrinkage, prior=prior)
-    first, second = whitened_svd(fitted, reduced_gram).factors(rank_out)   # [r_in k, r_out], [r_out, O]
+    truncation = whitened_svd(fitted, reduced_gram)
+    first, second = truncation.factors(rank_out)                            # [r_in k, r_out], [r_out, O]
     core = np.ascontiguousarray(first.T).reshape(rank_out, rank_in, *kernel)
-    return np.ascontiguousarray(second.T), core, u_in
+    return np.ascontiguousarray(second.T), core, u_in, float(truncation.relative_errors()[rank_out])

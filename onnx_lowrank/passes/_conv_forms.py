@@ -204,13 +204,13 @@ def _plan_tucker2(layer: _Layer) -> ConvPlan | Refusal:
     if measured is not None and measured.ranks is None:
         return Refusal("tucker2", measured.decision, measured)
     r_out, r_in = measured.ranks if measured else decision.ranks
+    activation_error = None
     if layer.patch_grams is not None:
-        u_out, core, u_in = corrected_tucker2(layer.w, *layer.patch_grams, r_out, r_in)
+        u_out, core, u_in, activation_error = corrected_tucker2(layer.w, *layer.patch_grams, r_out, r_in)
     else:
         u_out, core, u_in = tucker2(layer.w, r_out, r_in, layer.bases, layer.whitened)
     approx = tucker2_reconstruct(u_out, core, u_in)
-    activation_error = None
-    if layer.whitened is not None:
+    if layer.whitened is not None and activation_error is None:
         white = layer.whitened.white
         activation_error = relative_error(whiten_channels(layer.w, white), whiten_channels(approx, white))
     ones = [1] * (layer.w.ndim - 2)
