@@ -134,11 +134,11 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
           labels: Sequence[str] | None = None, inputs: str | None = None,
           shapes: dict[str, list[int]] | None = None, batch: int = 1, seed: int = 0,
           int_range: tuple[int, int] = runtime.DEFAULT_INT_RANGE, plan: TimingPlan = TimingPlan(),
-          profile: bool = False) -> BenchResult:
+          profile: bool = False, feeds: dict[str, np.ndarray] | None = None) -> BenchResult:
     """Time one model, or two interleaved on the same inputs: speedup = latency(A) / latency(B).
 
-    Inputs: the first sample of the .npz file `inputs`, or generated from A's input signature
-    (dynamic dims: first axis `batch`, others 16, overridden by `shapes`).
+    Inputs: `feeds` if given, else the first sample of the .npz file `inputs`, else generated from
+    A's input signature (dynamic dims: first axis `batch`, others 16, overridden by `shapes`).
     """
     if len(models) not in (1, 2):
         raise ValueError(f"bench times one model or two against each other, got {len(models)}")
@@ -147,11 +147,14 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
         config = replace(config, spinning=False)
     labels = list(labels or [_label(m, i) for i, m in enumerate(models)])
     sessions = [runtime.make_session(model, config) for model in models]
-    samples, notes = runtime.model_inputs(sessions[0], inputs=inputs, shapes=shapes, batch=batch, seed=seed,
-                                          int_range=int_range)
-    feeds = samples[0]
-    if len(samples) > 1:
-        notes.append(f"--inputs holds {len(samples)} samples: timed on the first")
+    if feeds is None:
+        samples, notes = runtime.model_inputs(sessions[0], inputs=inputs, shapes=shapes, batch=batch, seed=seed,
+                                              int_range=int_range)
+        feeds = samples[0]
+        if len(samples) > 1:
+            notes.append(f"--inputs holds {len(samples)} samples: timed on the first")
+    else:
+        notes = []
     runners = [runtime.runner(session, feeds) for session in sessions]
 
     latencies, counts = time_interleaved(runners, plan, settled=_precise(plan) if len(runners) == 2 else None)

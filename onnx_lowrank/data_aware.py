@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from .calibration import (CalibrationData, capture_specs, collect_cross_grams, collect_grams, layer_time_fraction,
                           load_calibration, probe_deviations)
+from .bench import TimingPlan, bench
 from .compare import Tolerance
 from .graph import export_graph
 from .parity import check_parity
@@ -34,6 +35,7 @@ from .passes.base import layer_name, unique_name
 from .rank_allocation import (Allocation, ConvSpectrum, Spectrum, allocate_ranks, flop_ratio_for_speedup,
                               predicted_error, rank_grid)
 from .report import LayerRecord, Report
+from .runtime import SessionConfig
 
 #: Share of the calibration samples held back to check --max-error: errors measured on the samples
 #: the Grams were fitted on would flatter the truncation.
@@ -55,6 +57,8 @@ class DataPlan:
     fit_stop: int = 0                       # samples [0, fit_stop) calibrate, the rest are held back
     allocation: Allocation | None = None
     spectra: list[Spectrum] = field(default_factory=list)
+    time_fraction: float = 1.0              # --target-speedup: the candidate layers' share of the run time
+    flop_ratio: float | None = None         # --target-speedup: the MAC ratio the allocation was asked for
 
     def held_back(self) -> list[dict]:
         return [] if self.data is None else list(self.data.batches(self.fit_stop))
@@ -100,6 +104,7 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
             # predicted, MiniLM measured 1.10-1.13x whole (and 1.31-1.39x timed at 8x64 tokens),
             # while the MAC ratio of the same Amdahl target measured 1.18-1.33x
             kind, ratio = "flops", _time_ratio(value, model, plan, options, report)
+            plan.flop_ratio = ratio
         plan.allocation = allocate_ranks(plan.spectra, ratio, kind, options.rounding_multiple)
         context.ranks = dict(plan.allocation.ranks)
         _note_allocation(plan, kind, ratio, report)
@@ -191,6 +196,7 @@ def _time_ratio(speedup: float, model: onnx.ModelProto, plan: DataPlan, options,
         source = "ORT profile of the calibration samples"
     else:
         fraction, source = 1.0, "no calibration samples to profile: assumed"
+    plan.time_fraction = fraction
     ratio = flop_ratio_for_speedup(speedup, fraction)
     report.notes.append(f"--target-speedup {speedup:g}: the candidate layers take {fraction:.0%} of the run time "
                         f"({source}); Amdahl gives them {ratio:.2f} of their time, taken as their MACs")
@@ -215,9 +221,68 @@ def _note_allocation(plan: DataPlan, kind: str, ratio: float, report: Report) ->
 def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
            entries: list[PassEntry], report: Report, on_batch: Callable[[int], None] | None = None
            ) -> onnx.ModelProto:
-    """Error correction, then the --max-error back-off, on the rewritten model."""
+    """--target-speedup measured, error correction, then the --max-error back-off, on the rewritten model."""
+    optimized, context = meet_speedup(plan, original, optimized, context, entries, report)
     optimized, context = correct(plan, original, optimized, context, entries, report, on_batch)
     return back_off(plan, original, optimized, context, entries, report)
+
+
+#: --target-speedup: whole-model timings after the first, each after a re-allocation that asks for
+#: fewer MACs by the measured shortfall; and the timing of each (interleaved, spinning off).
+SPEED_ROUNDS = 3
+SPEED_PLAN = TimingPlan(warmup_s=0.1, blocks=10, max_blocks=30)
+
+
+def meet_speedup(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
+                 entries: list[PassEntry], report: Report, timer: Callable[..., float] | None = None
+                 ) -> tuple[onnx.ModelProto, PassContext]:
+    """--target-speedup S, measured: time the rewritten model against the original (on the first
+    calibration batch, the inputs the layer times were profiled on). The MAC ratio came from the
+    layers' profiled share of the run time and assumes their time scales with their MACs; where the
+    measured speedup m falls short, their measured time ratio t = (1/m - 1 + a) / a (a: their share)
+    says by how much, so the allocation is asked for ratio x t* / t, t* the time ratio S needs, and
+    the model rewritten and timed again, up to SPEED_ROUNDS times. Needs --measure (the tool's
+    timings are off without it) and a model that changed."""
+    options = context.options
+    if plan.flop_ratio is None or not options.measure or optimized is original:
+        return optimized, context
+    timer = timer or (lambda a, b: _measured_speedup(a, b, plan, options))
+    target, share = options.target_speedup, plan.time_fraction
+    ratio, measured = plan.flop_ratio, timer(original, optimized)
+    history = [f"{measured:.2f}x at {ratio:.2f} of the MACs"]
+    for _ in range(SPEED_ROUNDS):
+        if measured >= target or share <= 0:
+            break
+        needed = flop_ratio_for_speedup(target, share)
+        achieved = flop_ratio_for_speedup(measured, share)
+        if needed <= 0 or achieved <= 0:
+            break
+        ratio = ratio * needed / achieved
+        allocation = allocate_ranks(plan.spectra, ratio, "flops", options.rounding_multiple)
+        if allocation.ranks == plan.allocation.ranks:
+            break                      # at the lowest ranks the layers allow
+        plan.allocation = allocation
+        context.ranks = dict(allocation.ranks)
+        optimized, records = rewrite(plan, original, context, entries, context.ranks)
+        _replace_records(report, records)
+        measured = timer(original, optimized)
+        history.append(f"{measured:.2f}x at {ratio:.2f}")
+    verdict = "met" if measured >= target else "NOT met"
+    report.notes.append(f"--target-speedup {target:g} measured ({verdict}): " + " -> ".join(history)
+                        + ("" if len(history) == 1 else " (re-allocated by the measured shortfall)"))
+    return optimized, context
+
+
+def _measured_speedup(original: onnx.ModelProto, candidate: onnx.ModelProto, plan: DataPlan, options) -> float:
+    config = SessionConfig(provider=options.provider)
+    if plan.data is not None:
+        initializers = {t.name for t in original.graph.initializer}
+        names = [i.name for i in original.graph.input if i.name not in initializers]
+        batch = next(plan.data.batches(0, None))
+        return bench([original, candidate], config=config, plan=SPEED_PLAN,
+                     feeds={name: batch[name] for name in names}).speedup
+    return bench([original, candidate], config=config, plan=SPEED_PLAN, shapes=options.shape, batch=options.batch,
+                 seed=options.seed).speedup
 
 
 def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,

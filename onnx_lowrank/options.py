@@ -50,7 +50,7 @@ class Options:
     calibration: str | None = None
     target_flops: float | None = None    # MACs of the candidate layers, as a fraction of their dense MACs
     target_params: float | None = None   # parameters of the candidate layers, likewise
-    target_speedup: float | None = None  # whole-model speedup, through the FLOP model and measured layer times
+    target_speedup: float | None = None  # whole-model speedup: Amdahl on the profiled layer share, then timed
     # with calibration: refit the factorized layers, depth by depth, on the compressed model's
     # activations. Off by default: it costs one pass over the samples per depth (MiniLM: 19 passes,
     # 14 s -> 190 s) and gained MiniLM little (cosine 0.940 -> 0.946), while on the digits CNN it is

@@ -91,3 +91,29 @@ def test_cli_calibration_errors_are_one_line(tmp_path, capsys):
     code, _, stderr = run_cli(capsys, "optimize", source, tmp_path / "o.onnx", "--target-flops", 0.5,
                               "--target-params", 0.5)
     assert code == 2
+
+
+def test_target_speedup_is_measured_and_reallocated_until_met(calib, monkeypatch):
+    """The MAC ratio Amdahl asks for assumes the layers' time scales with their MACs. Here the fake
+    timing makes time scale with MACs^0.35 (small layers do: fixed costs stay), in a model whose
+    layers take 90% of the time while the profile says 60%: the first allocation falls short, and
+    the measured shortfall re-allocates until the target is met."""
+    from onnx_lowrank import data_aware
+
+    def weights(model):
+        return sum(np.prod(t.dims) for t in model.graph.initializer)
+
+    timings = []
+
+    def fake_speedup(original, candidate, plan, options):
+        timings.append(1 / (0.1 + 0.9 * (weights(candidate) / weights(original)) ** 0.35))
+        return timings[-1]
+
+    monkeypatch.setattr(data_aware, "_measured_speedup", fake_speedup)
+    monkeypatch.setattr(data_aware, "layer_time_fraction", lambda *args, **kwargs: 0.6)
+    model, report = optimize(MLP, calibration=calib, target_speedup=1.5, validate=False, measure=True, cache_dir=None)
+    note = next(n for n in report.notes if n.startswith("--target-speedup 1.5 measured"))
+    assert "(met)" in note and " -> " in note and len(timings) >= 2, note
+    assert timings[0] < 1.5 <= timings[-1] == fake_speedup(MLP, model, None, None)
+    _, unmeasured = optimize(MLP, calibration=calib, target_speedup=1.5, validate=False, measure=False)
+    assert not any(n.startswith("--target-speedup 1.5 measured") for n in unmeasured.notes)

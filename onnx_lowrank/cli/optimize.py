@@ -48,7 +48,8 @@ def add_parser(sub) -> None:
     target.add_argument("--target-params", type=float_arg, metavar="F",
                         help="likewise for their parameters")
     target.add_argument("--target-speedup", type=float_arg, metavar="S",
-                        help="likewise for a whole-model speedup S (Amdahl over the layers' profiled share of time)")
+                        help="likewise for a whole-model speedup S (Amdahl over the layers' profiled share of time); "
+                             "with --measure the result is timed against the original and re-allocated while short")
     hw = p.add_argument_group("hardware-aware ranks (each candidate layer timed alone in ONNX Runtime)")
     measure = hw.add_mutually_exclusive_group()
     measure.add_argument("--measure", dest="measure", action="store_true", default=measure_default(),
