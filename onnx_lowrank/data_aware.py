@@ -327,6 +327,7 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
         level = [s for s in specs if depths[s.layer] == depth]
         partial = {**ranks, **{name: (rank if depths[name] < depth else None) for name, rank in final.items()}}
         model = plan.reference if depth == min(depths.values()) else rewrite(plan, original, corrected, entries, partial)[0]
+        _drop_superseded(corrected, context, [name for name in final if depths[name] < depth])
         pairs = collect_cross_grams(plan.reference, model, level, plan.data, stop=plan.fit_stop,
                                     provider=options.provider, on_batch=on_batch)
         for spec in level:
@@ -343,6 +344,16 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
                         f"({len(set(depths.values()))} passes over the calibration samples), on the inputs they see "
                         "in the compressed model")
     return model, dataclasses.replace(corrected, ranks=ranks)
+
+
+def _drop_superseded(corrected: PassContext, first: PassContext, layers: list[str]) -> None:
+    """Free the Grams of matrix layers whose corrected factorization is cached (the rewrites from
+    here on read the cache): BERT-base holds ~1 GB of first-pass Grams and as much again of each of
+    the corrected Grams and cross Grams, which a depth-by-depth sweep would otherwise all keep."""
+    for name in layers:
+        if name in corrected.decompositions:
+            for grams in (corrected.grams, corrected.cross_grams, first.grams):
+                grams.pop(name, None)
 
 
 def layer_depths(graph: gs.Graph, layers: set[str]) -> dict[str, int]:
