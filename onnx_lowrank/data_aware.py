@@ -274,11 +274,9 @@ def meet_speedup(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.Mode
 def _measured_speedup(original: onnx.ModelProto, candidate: onnx.ModelProto, plan: DataPlan, options) -> float:
     config = SessionConfig(provider=options.provider)
     if plan.data is not None:
-        initializers = {t.name for t in original.graph.initializer}
-        names = [i.name for i in original.graph.input if i.name not in initializers]
         batch = next(plan.data.batches(0, None))
         return bench([original, candidate], config=config, plan=SPEED_PLAN,
-                     feeds={name: batch[name] for name in names}).speedup
+                     feeds={name: batch[name] for name in _fed_inputs(original)}).speedup
     return bench([original, candidate], config=config, plan=SPEED_PLAN, shapes=options.shape, batch=options.batch,
                  seed=options.seed).speedup
 
@@ -479,14 +477,19 @@ def parity_samples(plan: DataPlan | None) -> list[dict] | None:
     return plan.held_back() or list(itertools.islice(plan.data.batches(), 1))
 
 
+def _fed_inputs(model: onnx.ModelProto) -> list[str]:
+    """The graph inputs a run is fed: those that are not initializers too (IR < 4 lists both)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
 def analysis_shapes(options, model: onnx.ModelProto) -> dict[str, list[int]]:
     """Input shapes for shape inference and layer timing: --shape if given, else those of the
     calibration samples with --batch of them (a layer timed at 16 tokens says little about one
     served at 128), else none (resolve_shapes' defaults)."""
     if options.shape or options.calibration is None:
         return dict(options.shape)
-    initializers = {t.name for t in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in initializers]
+    names = _fed_inputs(model)
     data = load_calibration(options.calibration, names)
     with np.load(data.files[0]) as arrays:
         return {name: [options.batch, *arrays[name].shape[1:]] for name in names}
