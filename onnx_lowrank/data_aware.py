@@ -313,7 +313,7 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
     if not specs:
         return optimized, context
     depths = layer_depths(plan.normalized, {s.layer for s in specs})
-    final = {r.name: (tuple(r.rank) if _tucker2(r) else r.rank[0]) for r in fitted.values() if r.name in depths}
+    final = {r.name: _plan_rank(r) for r in fitted.values() if r.name in depths}
     # the allocation's choices stand (layers it kept dense stay dense), the rank rule's are fixed
     ranks = {**context.ranks, **{r.name: r.rank[0] for r in report.decomposed
                                  if r.method in ("svd", "whitened-svd") and _matrix_layer(r)}}
@@ -435,7 +435,7 @@ def _rank_rule_path(report: Report) -> list[tuple[str, int | tuple[int, ...]]]:
     done = [r for r in report.decomposed if r.method in ("svd", "whitened-svd")
             or (r.method in ("tucker2", "whitened-tucker2") and _tucker2(r))]
     done.sort(key=lambda r: r.activation_error if r.activation_error is not None else (r.weight_error or 0.0))
-    return [(r.name, r.rank[0] if len(r.rank) == 1 else tuple(r.rank)) for r in done]
+    return [(r.name, _plan_rank(r)) for r in done]
 
 
 def _prefix_ranks(path: list[tuple[str, int | tuple[int, ...]]], count: int, dense: set[str]
@@ -451,6 +451,11 @@ def _prefix_ranks(path: list[tuple[str, int | tuple[int, ...]]], count: int, den
 def _tucker2(record: LayerRecord) -> bool:
     """A conv factorized as Tucker-2 (ranks (r_out, r_in), context.ranks' tuple form)."""
     return record.op == "Conv" and record.rank is not None and len(record.rank) == 2
+
+
+def _plan_rank(record: LayerRecord) -> int | tuple[int, ...]:
+    """A decomposed layer's rank as context.ranks holds it."""
+    return tuple(record.rank) if _tucker2(record) else record.rank[0]
 
 
 def _matrix_layer(record: LayerRecord) -> bool:

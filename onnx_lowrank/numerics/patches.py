@@ -31,10 +31,6 @@ class ConvWindow:
         pads = tuple(attrs.get("pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else (0, 0, 0, 0)
         return cls(tuple(kernel), tuple(attrs.get("strides", [1, 1])), pads, tuple(attrs.get("dilations", [1, 1])))
 
-    @property
-    def size(self) -> int:
-        return self.kernel[0] * self.kernel[1]
-
 
 def conv_patches(x: np.ndarray, window: ConvWindow) -> np.ndarray:
     """x [N, C, H, W] -> rows [N * oh * ow, C * kh * kw], ordered as W.reshape(O, -1) is."""
