@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from . import profiling, runtime
+from .inputs import DEFAULT_INT_RANGE, InputHint
 from .report import BenchResult, LatencyStats
 
 Runner = Callable[[], Any]
@@ -133,8 +134,9 @@ def _precise(plan: TimingPlan) -> Callable[[list[np.ndarray]], bool]:
 def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionConfig | None = None,
           labels: Sequence[str] | None = None, inputs: str | None = None,
           shapes: dict[str, list[int]] | None = None, batch: int = 1, seed: int = 0,
-          int_range: tuple[int, int] = runtime.DEFAULT_INT_RANGE, plan: TimingPlan = TimingPlan(),
-          profile: bool = False, feeds: dict[str, np.ndarray] | None = None) -> BenchResult:
+          int_range: tuple[int, int] = DEFAULT_INT_RANGE, plan: TimingPlan = TimingPlan(),
+          profile: bool = False, feeds: dict[str, np.ndarray] | None = None,
+          hints: dict[str, InputHint] | None = None) -> BenchResult:
     """Time one model, or two interleaved on the same inputs: speedup = latency(A) / latency(B).
 
     Inputs: `feeds` if given, else the first sample of the .npz file `inputs`, else generated from
@@ -149,7 +151,7 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
     sessions = [runtime.make_session(model, config) for model in models]
     if feeds is None:
         samples, notes = runtime.model_inputs(sessions[0], inputs=inputs, shapes=shapes, batch=batch, seed=seed,
-                                              int_range=int_range)
+                                              int_range=int_range, hints=hints)
         feeds = samples[0]
         if len(samples) > 1:
             notes.append(f"--inputs holds {len(samples)} samples: timed on the first")

@@ -6,6 +6,7 @@ not the runtime's fusions. `optimize`'s check and `onnx-lowrank validate` are th
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Iterable, Mapping
 
@@ -15,6 +16,7 @@ import onnx
 from . import runtime
 from .compare import Tolerance, compare_output
 from .errors import InferenceError, OptionError
+from .inputs import DEFAULT_INT_RANGE, InputHint
 from .report import OutputComparison, ParityResult
 
 TRT_FP16_NOTE = ("TensorRT fp16: both models run in half precision, which alone moves outputs by ~1e-3 "
@@ -28,11 +30,13 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
                  tolerance_source: str = "", provider: str = "cpu", config: runtime.SessionConfig | None = None,
                  shapes: dict[str, list[int]] | None = None, batch: int = 1, seed: int = 0,
                  samples: Iterable[dict[str, np.ndarray]] | None = None, inputs: str | None = None,
-                 int_range: tuple[int, int] = runtime.DEFAULT_INT_RANGE) -> ParityResult:
+                 int_range: tuple[int, int] = DEFAULT_INT_RANGE, hints: dict[str, InputHint] | None = None
+                 ) -> ParityResult:
     """Compare every output of `candidate` with `reference`'s on the same inputs.
 
-    Inputs: `samples` (feed dicts), else the arrays of the .npz file `inputs` (runtime.load_samples),
-    else generated from the reference's input signature. The provider is `config`'s if given, else
+    Inputs: `samples` (feed dicts), else the arrays of the .npz file `inputs` (inputs.load_samples),
+    else generated from the reference's input signature and the graph's `hints` (inputs.input_hints),
+    at the first candidate sizes the reference runs on (runtime.runnable_inputs). The provider is `config`'s if given, else
     `provider` with default settings. `per_output` overrides `tolerance` for the outputs it names.
     """
     config = replace(config or runtime.SessionConfig(provider=provider), optimize=False)
@@ -45,21 +49,18 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
         raise OptionError(f"tolerance given for output {', '.join(map(repr, unknown))}, which the model does not "
                           f"have (outputs: {', '.join(names)})")
     notes: list[str] = []
-    if samples is None:
-        samples, notes = runtime.model_inputs(ref_session, inputs=inputs, shapes=shapes, batch=batch, seed=seed,
-                                              int_range=int_range)
-    samples = list(samples)
+    if samples is None and inputs is None:
+        feeds, first_outputs, notes = runtime.runnable_inputs(ref_session, shapes=shapes, batch=batch, seed=seed,
+                                                              int_range=int_range, hints=hints)
+        samples, ref_outputs = [feeds], [first_outputs]
+    else:
+        if samples is None:
+            samples, notes = runtime.model_inputs(ref_session, inputs=inputs, shapes=shapes)
+        samples = list(samples)
+        ref_outputs = [runtime.run(ref_session, feed) for feed in samples]
     input_shapes = {name: list(np.shape(value)) for name, value in samples[0].items()}
     cand_order = [o.name for o in cand_session.get_outputs()]
-    try:
-        ref_outputs = [runtime.run(ref_session, feed) for feed in samples]
-        cand_outputs = [dict(zip(cand_order, runtime.run(cand_session, feed))) for feed in samples]
-    except InferenceError as exc:
-        filled = [n for n in notes if n.startswith("input '")]
-        if not filled:
-            raise
-        # a dynamic dim we filled in is the likeliest cause: say which, and how to set it
-        raise InferenceError(f"{exc} (generated inputs: {'; '.join(filled)}; set them with --shape NAME:D1,D2,...)") from None
+    cand_outputs = [dict(zip(cand_order, runtime.run(cand_session, feed))) for feed in samples]
     outputs = [compare_output(name,
                               _stack([out[i] for out in ref_outputs]),
                               _stack([out[name] for out in cand_outputs]), per_output.get(name, tolerance))
@@ -69,8 +70,10 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
         criterion += "; own tolerance for " + ", ".join(per_output)
     if config.trt_fp16:
         notes.append(TRT_FP16_NOTE)
+    ungated = tolerance.max_error is not None and math.isinf(tolerance.max_error)
     return ParityResult(provider=config.provider, criterion=criterion, passed=all(o.passed for o in outputs),
-                        outputs=outputs, samples=len(samples), input_shapes=input_shapes, notes=notes)
+                        outputs=outputs, samples=len(samples), input_shapes=input_shapes, notes=notes,
+                        ungated=ungated)
 
 
 def _matching_signatures(ref_session, cand_session) -> list[str]:

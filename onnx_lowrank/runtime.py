@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 
 from .errors import InferenceError, OptionError, RuntimeUnavailableError, first_line
+from .inputs import (DEFAULT_INT_RANGE, InputHint, InputSpec, candidate_shapes, describe_shapes, generate_inputs,
+                     load_samples)
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -34,8 +36,6 @@ GPU_INSTALL_HINT = {
     "tensorrt": "pip install 'onnx-lowrank[gpu]' (onnxruntime-gpu) and the CUDA, cuDNN and TensorRT versions "
                 "it was built for",
 }
-DEFAULT_DYNAMIC_DIM = 16
-DEFAULT_INT_RANGE = (0, 25)
 _PROTO_LIMIT = 2**31 - 1
 
 
@@ -270,14 +270,7 @@ def runner(session, feeds: dict[str, np.ndarray]) -> Callable[[], list]:
     return functools.partial(session.run, None, prepare_feeds(feeds))
 
 
-# --- inputs -------------------------------------------------------------------------------------
-
-@dataclass
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: list[int | str | None]     # ints, symbolic names, or None for unknown
-
+# --- inputs (what to feed is inputs.py's; here, what a session takes and what it runs on) --------
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -302,157 +295,50 @@ def input_specs(session) -> list[InputSpec]:
     return specs
 
 
-def resolve_shapes(specs: list[InputSpec], overrides: dict[str, list[int]], batch: int = 1
-                   ) -> tuple[dict[str, list[int]], list[str]]:
-    """Concrete shapes for every input, and one note per dynamic dim that was filled in.
-
-    Dynamic dims are never pinned silently: the first axis gets `batch`, any other DEFAULT_DYNAMIC_DIM,
-    and each substitution is reported so the user can override it with --shape.
-    """
-    unknown = sorted(set(overrides) - {s.name for s in specs})
-    if unknown:
-        raise OptionError(f"--shape: the model has no input named {', '.join(map(repr, unknown))} "
-                          f"(inputs: {', '.join(s.name for s in specs)})")
-    shapes, notes = {}, []
-    for spec in specs:
-        if spec.name in overrides:
-            shape = overrides[spec.name]
-            if not _fits(shape, spec.shape):
-                raise OptionError(f"--shape {spec.name}:{','.join(map(str, shape))} does not fit the model's "
-                                  f"input shape {_format_shape(spec.shape)}")
-            shapes[spec.name] = list(shape)
-            continue
-        shape = []
-        for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, int):
-                shape.append(dim)
-                continue
-            value = batch if axis == 0 else DEFAULT_DYNAMIC_DIM
-            shape.append(value)
-            notes.append(f"input '{spec.name}' axis {axis} ({dim or '?'}) set to {value}")
-        shapes[spec.name] = shape
-    if notes:
-        notes.append("override with --shape NAME:D1,D2,...")
-    return shapes, notes
-
-
-def generate_inputs(specs: list[InputSpec], shapes: dict[str, list[int]], seed: int = 0,
-                    int_range: tuple[int, int] = DEFAULT_INT_RANGE) -> dict[str, np.ndarray]:
-    """Floats (fp32, fp64, fp16, bf16) ~ N(0, 1); integers uniform in [lo, hi); bools fair coins;
-    integer inputs named like a mask are all ones (a random attention mask is not an input a model
-    is ever served)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in specs:
-        shape = shapes[spec.name]
-        kind = spec.dtype.kind
-        if kind == "b":
-            feeds[spec.name] = np.asarray(rng.random(shape) < 0.5)   # a 0-d input must stay an array
-        elif kind in "iu":
-            if "mask" in spec.name.lower():
-                feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
-            else:
-                lo, hi = int_range
-                info = np.iinfo(spec.dtype)
-                if lo < info.min or hi - 1 > info.max:
-                    raise OptionError(f"--int-range {lo}:{hi} does not fit input '{spec.name}' of type {spec.dtype}")
-                feeds[spec.name] = rng.integers(lo, hi, size=shape).astype(spec.dtype)
-        else:   # 'f', and ml_dtypes' bfloat16 (kind 'V')
-            feeds[spec.name] = rng.standard_normal(shape).astype(np.float32).astype(spec.dtype)
-    return feeds
 
 
 def model_inputs(session, *, inputs: str | os.PathLike | None = None, shapes: dict[str, list[int]] | None = None,
-                 batch: int = 1, seed: int = 0, int_range: tuple[int, int] = DEFAULT_INT_RANGE
-                 ) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+                 batch: int = 1, seed: int = 0, int_range: tuple[int, int] = DEFAULT_INT_RANGE,
+                 hints: dict[str, InputHint] | None = None) -> tuple[list[dict[str, np.ndarray]], list[str]]:
     """The samples to run a session's model on, and notes on how they were made: the arrays of the
-    .npz file `inputs`, or one generated sample (dynamic dims filled as resolve_shapes says)."""
+    .npz file `inputs`, or one generated sample that the model runs on (runnable_inputs)."""
     specs = input_specs(session)
     if inputs is not None:
         if shapes:
             raise OptionError("--shape and --inputs: the arrays in the file fix the input shapes; give one")
         return load_samples(inputs, specs)
-    concrete, notes = resolve_shapes(specs, shapes or {}, batch)
-    return [generate_inputs(specs, concrete, seed, int_range)], notes
+    feeds, _, notes = runnable_inputs(session, shapes=shapes, batch=batch, seed=seed, int_range=int_range,
+                                      hints=hints)
+    return [feeds], notes
 
 
-def parse_int_range(text: str) -> tuple[int, int]:
-    """'LO:HI' -> (LO, HI), the half-open range integer inputs are drawn from."""
-    lo, sep, hi = text.partition(":")
-    try:
-        bounds = (int(lo), int(hi)) if sep else None
-    except ValueError:
-        bounds = None
-    if bounds is None or bounds[0] >= bounds[1]:
-        raise OptionError(f"--int-range {text!r}: expected LO:HI with integers LO < HI, e.g. 0:1000 "
-                          "(integers are drawn from [LO, HI))")
-    return bounds
+def runnable_inputs(session, *, shapes: dict[str, list[int]] | None = None, batch: int = 1, seed: int = 0,
+                    int_range: tuple[int, int] = DEFAULT_INT_RANGE, hints: dict[str, InputHint] | None = None
+                    ) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[str]]:
+    """Generated inputs the session's model runs on, its outputs on them, and notes on the dims
+    filled in: the default sizes first, then inputs.candidate_shapes' next candidates, one run
+    each. None runs: one InferenceError naming the first failure, the sizes tried and --shape."""
+    specs = input_specs(session)
+    tried, first_error = [], None
+    for concrete, notes in candidate_shapes(specs, shapes or {}, batch):
+        feeds = generate_inputs(specs, concrete, seed, int_range, hints)
+        try:
+            outputs = run(session, feeds)
+        except InferenceError as exc:
+            first_error = first_error or str(exc)
+            tried.append(describe_shapes({n: s for n, s in concrete.items() if n in _filled(notes)}))
+            if not any(n.startswith("input '") for n in notes):
+                break   # nothing was filled in: no other size to try
+            continue
+        if tried:
+            notes = [*notes, f"the model refused the first generated sizes ({'; '.join(tried)}); ran at "
+                             f"{describe_shapes(concrete)}"]
+        return feeds, outputs, notes
+    sizes = f"; generated inputs tried at {' | '.join(tried)}" if any(tried) else ""
+    raise InferenceError(f"{first_error}{sizes}; give the input sizes with --shape NAME:D1,D2,... "
+                         "(or real samples: --inputs / --calibration FILE.npz)")
 
 
-def load_samples(path: str | os.PathLike, specs: list[InputSpec]) -> tuple[list[dict[str, np.ndarray]], list[str]]:
-    """Samples from an .npz whose keys are input names and whose leading axis indexes samples.
-
-    An array with exactly the input's rank is taken as a single sample (a batch saved as is, like
-    models/digits_test.npz), and a note says so. Arrays are cast to the input's dtype within a
-    kind (float64 -> float32), never across kinds (float -> int is an error).
-    """
-    arrays = _read_npz(path)
-    flag = f"--inputs {path}"
-    names = [s.name for s in specs]
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise OptionError(f"{flag}: no array for input {', '.join(map(repr, missing))} "
-                          f"(file has {', '.join(map(repr, arrays)) or 'no arrays'})")
-    notes = []
-    extra = [k for k in arrays if k not in names]
-    if extra:
-        notes.append(f"--inputs: ignored arrays that are not model inputs: {', '.join(extra)}")
-    per_input: dict[str, list[np.ndarray]] = {}
-    for spec in specs:
-        array = arrays[spec.name]
-        if not np.can_cast(array.dtype, spec.dtype, "same_kind") and not (
-                spec.dtype.name == "bfloat16" and array.dtype.kind == "f"):
-            raise OptionError(f"{flag}: '{spec.name}' is {array.dtype}, the model takes {spec.dtype}")
-        array = array.astype(spec.dtype, copy=False)
-        if array.ndim == len(spec.shape) + 1:
-            samples = list(array)
-        elif array.ndim == len(spec.shape):
-            samples = [array]
-            notes.append(f"--inputs: '{spec.name}' {list(array.shape)} has the input's rank: used as one sample")
-        else:
-            raise OptionError(f"{flag}: '{spec.name}' has shape {list(array.shape)}; the model's input is "
-                              f"{_format_shape(spec.shape)}, so expected [samples, ...] or that shape")
-        for sample in samples:
-            if not _fits(list(sample.shape), spec.shape):
-                raise OptionError(f"{flag}: a sample of '{spec.name}' has shape {list(sample.shape)}, which does "
-                                  f"not fit the model's input {_format_shape(spec.shape)}")
-        per_input[spec.name] = samples
-    counts = {name: len(samples) for name, samples in per_input.items()}
-    if len(set(counts.values())) > 1:
-        raise OptionError(f"{flag}: inputs have different sample counts: "
-                          + ", ".join(f"{n} {c}" for n, c in counts.items()))
-    count = next(iter(counts.values()), 0)
-    if count == 0:
-        raise OptionError(f"{flag}: no samples (leading axis of length 0)")
-    return [{name: per_input[name][i] for name in names} for i in range(count)], notes
-
-
-def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    if not Path(path).is_file():
-        raise OptionError(f"--inputs: file '{path}' does not exist")
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("a single .npy array, not an .npz archive of named arrays")
-        with data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise OptionError(f"--inputs: '{path}' is not a readable .npz file ({first_line(exc)})") from None
-
-
-def _fits(shape: list[int], model_shape: list[int | str | None]) -> bool:
-    return len(shape) == len(model_shape) and all(not isinstance(d, int) or d == v for d, v in zip(model_shape, shape))
-
-
-def _format_shape(shape) -> str:
-    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+def _filled(notes: list[str]) -> set[str]:
+    """The inputs whose dims resolve_shapes filled in, from its notes."""
+    return {n.split("'")[1] for n in notes if n.startswith("input '")}

@@ -8,21 +8,7 @@ import onnx
 from onnx import shape_inference
 
 from .graph import structure_only
-from .runtime import InputSpec, resolve_shapes
-
-
-def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    from onnx import helper
-
-    initializers = {t.name for t in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers or not value.type.HasField("tensor_type"):
-            continue
-        tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-        specs.append(InputSpec(value.name, helper.tensor_dtype_to_np_dtype(tensor.elem_type), dims))
-    return specs
+from .inputs import graph_input_specs, resolve_shapes
 
 
 def infer_output_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], batch: int

@@ -14,7 +14,9 @@ import pytest
 from helpers import model_from_text
 from onnx_lowrank import runtime
 from onnx_lowrank.errors import InferenceError, OptionError, RuntimeUnavailableError
-from onnx_lowrank.runtime import InputSpec, SessionConfig
+from onnx_lowrank import inputs
+from onnx_lowrank.inputs import InputSpec
+from onnx_lowrank.runtime import SessionConfig
 
 ALL_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -160,7 +162,7 @@ def test_generated_inputs_cover_every_dtype():
     specs = [InputSpec("f16", np.dtype(np.float16), [2, 3]), InputSpec("bf16", bf16, [2, 3]),
              InputSpec("flag", np.dtype(np.bool_), [50]), InputSpec("ids", np.dtype(np.int64), [1000]),
              InputSpec("attention_mask", np.dtype(np.int64), [4])]
-    feeds = runtime.generate_inputs(specs, {s.name: s.shape for s in specs}, seed=0, int_range=(5, 9))
+    feeds = inputs.generate_inputs(specs, {s.name: s.shape for s in specs}, seed=0, int_range=(5, 9))
     assert feeds["f16"].dtype == np.float16 and feeds["bf16"].dtype == bf16
     assert feeds["flag"].dtype == np.bool_ and 0 < feeds["flag"].sum() < 50
     assert feeds["ids"].min() == 5 and feeds["ids"].max() == 8          # half-open [5, 9)
@@ -169,18 +171,18 @@ def test_generated_inputs_cover_every_dtype():
 
 def test_int_range_that_does_not_fit_the_dtype_is_refused():
     with pytest.raises(OptionError, match="does not fit input 'ids'"):
-        runtime.generate_inputs([InputSpec("ids", np.dtype(np.uint8), [3])], {"ids": [3]}, int_range=(0, 1000))
+        inputs.generate_inputs([InputSpec("ids", np.dtype(np.uint8), [3])], {"ids": [3]}, int_range=(0, 1000))
 
 
 @pytest.mark.parametrize("text, expected", [("0:25", (0, 25)), ("-3:7", (-3, 7))])
 def test_parse_int_range(text, expected):
-    assert runtime.parse_int_range(text) == expected
+    assert inputs.parse_int_range(text) == expected
 
 
 @pytest.mark.parametrize("text", ["5", "9:9", "a:b", "10:2"])
 def test_parse_int_range_refuses(text):
     with pytest.raises(OptionError, match="--int-range"):
-        runtime.parse_int_range(text)
+        inputs.parse_int_range(text)
 
 
 def test_bfloat16_inputs_run_through_ort_values():
@@ -200,7 +202,7 @@ SPECS = [InputSpec("x", np.dtype(np.float32), ["batch", 4]), InputSpec("ids", np
 def test_npz_leading_axis_is_samples_and_dtypes_are_cast_within_kind(tmp_path):
     path = tmp_path / "in.npz"
     np.savez(path, x=np.ones((3, 2, 4)), ids=np.zeros((3, 2), np.int32), label=np.arange(3))
-    samples, notes = runtime.load_samples(path, SPECS)
+    samples, notes = inputs.load_samples(path, SPECS)
     assert len(samples) == 3
     assert samples[0]["x"].shape == (2, 4) and samples[0]["x"].dtype == np.float32
     assert samples[2]["ids"].dtype == np.int64
@@ -210,7 +212,7 @@ def test_npz_leading_axis_is_samples_and_dtypes_are_cast_within_kind(tmp_path):
 def test_npz_array_of_the_inputs_own_rank_is_one_sample(tmp_path):
     path = tmp_path / "batch.npz"
     np.savez(path, x=np.ones((5, 4), np.float32), ids=np.zeros(5, np.int64))
-    samples, notes = runtime.load_samples(path, SPECS)
+    samples, notes = inputs.load_samples(path, SPECS)
     assert len(samples) == 1 and samples[0]["x"].shape == (5, 4)
     assert any("one sample" in note for note in notes)
 
@@ -226,7 +228,7 @@ def test_npz_that_does_not_fit_the_model_is_one_clear_error(tmp_path, arrays, me
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
     with pytest.raises(OptionError, match=message):
-        runtime.load_samples(path, SPECS)
+        inputs.load_samples(path, SPECS)
 
 
 def test_inputs_file_that_is_not_an_npz(tmp_path):
@@ -234,7 +236,7 @@ def test_inputs_file_that_is_not_an_npz(tmp_path):
     np.save(tmp_path / "a.npy", np.ones(3))
     for path in (tmp_path / "x.npz", tmp_path / "a.npy", tmp_path / "missing.npz"):
         with pytest.raises(OptionError, match="--inputs"):
-            runtime.load_samples(path, SPECS)
+            inputs.load_samples(path, SPECS)
 
 
 def test_run_failure_is_one_line():

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     plan = TimingPlan(blocks=args.blocks, max_blocks=args.max_blocks or 4 * args.blocks, block_s=args.block_ms / 1e3,
                       warmup_s=args.warmup_ms / 1e3)
     result = bench(models, config=session_config(args, threads=args.threads), plan=plan, profile=args.profile,
-                   **input_options(args))
+                   **input_options(args, models[0]))
     print(bench_table(result))
     if args.json:
         write_text(args.json, to_json(result) + "\n")

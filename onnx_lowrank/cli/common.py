@@ -66,15 +66,16 @@ def session_config(args: argparse.Namespace, **settings):
                          trt_engine_cache=args.trt_engine_cache, **settings)
 
 
-def input_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of check_parity / bench that the input flags set."""
+def input_options(args: argparse.Namespace, model: str) -> dict:
+    """The keyword arguments of check_parity / bench that the input flags set; generated inputs
+    follow what `model`'s graph says of them (inputs.input_hints)."""
     from ..errors import OptionError
+    from ..inputs import model_hints, parse_int_range
     from ..options import parse_shapes
-    from ..runtime import parse_int_range
     if args.batch < 1:
         raise OptionError(f"--batch must be a positive integer, got {args.batch}")
     return dict(inputs=args.inputs, shapes=parse_shapes(args.shape), batch=args.batch, seed=args.seed,
-                int_range=parse_int_range(args.int_range))
+                int_range=parse_int_range(args.int_range), hints=None if args.inputs else model_hints(model))
 
 
 def add_layer_selection(group, skip_help: str) -> None:

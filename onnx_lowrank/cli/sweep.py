@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     check_side_outputs({"--plot": args.plot, "--json": args.json}, [args.input])
     check_model_path(args.input)
     targets = None if args.targets is None else [_target(text) for text in args.targets.split(",") if text.strip()]
-    inputs = input_options(args)
+    inputs = input_options(args, args.input)
     options = Options(calibration=args.calibration, error_correction=args.error_correction, measure=args.measure, conv_method=args.conv_method, ops=args.ops,
                       include=args.include, exclude=args.exclude, skip=skip_list(args.skip),
                       shape=parse_shapes(args.shape), batch=args.batch, seed=args.seed, provider=args.provider)

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     default, per_output = tolerances(by_output(args.max_error, "--max-error"), by_output(args.atol, "--atol"),
                                      by_output(args.rtol, "--rtol"))
     result = check_parity(args.original, args.optimized, tolerance=default, per_output=per_output,
-                          config=session_config(args), **input_options(args))
+                          config=session_config(args), **input_options(args, args.original))
     if args.json:
         write_text(args.json, to_json(result) + "\n")
     if args.quiet:
