@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -19,11 +20,15 @@ class Tolerance:
     max_error: float | None = 1e-3
     atol: float | None = None
     rtol: float | None = None
+    min_top1: float | None = None     # and argmax over the last axis agrees on this share of rows
 
     def describe(self) -> str:
+        top1 = f", top-1 agreement >= {self.min_top1:g}" if self.min_top1 is not None else ""
+        if self.max_error is not None and math.isinf(self.max_error):
+            return "ungated (measured only)"
         if self.max_error is not None:
-            return f"rel_l2 <= {self.max_error:.1e}"
-        return f"|y - y0| <= {self.atol or 0:.1e} + {self.rtol or 0:.1e} |y0|"
+            return f"rel_l2 <= {self.max_error:.1e}{top1}"
+        return f"|y - y0| <= {self.atol or 0:.1e} + {self.rtol or 0:.1e} |y0|{top1}"
 
 
 def tolerances(max_error: Mapping[str | None, float] | None = None, atol: Mapping[str | None, float] | None = None,
@@ -85,5 +90,8 @@ def compare_output(name: str, reference: np.ndarray, actual: np.ndarray, toleran
     top1 = None
     if y0.ndim >= 2 and y0.shape[-1] > 1 and reference.dtype.kind in "fV":
         top1 = float(np.mean(np.argmax(y0, axis=-1) == np.argmax(y, axis=-1)))
+    if tolerance.min_top1 is not None and top1 is not None:
+        passed = passed and top1 >= tolerance.min_top1
     return OutputComparison(name, list(actual.shape), max_abs, max_rel, rel_l2, cosine, passed, top1,
-                            criterion=criterion, bound=tolerance.max_error, mismatched=mismatched)
+                            criterion=criterion, bound=tolerance.max_error, mismatched=mismatched,
+                            min_top1=tolerance.min_top1 if top1 is not None else None)

@@ -27,25 +27,42 @@ import onnx_graphsurgeon as gs
 from .calibration import (CalibrationData, capture_specs, collect_cross_grams, collect_grams, layer_time_fraction,
                           load_calibration, probe_deviations)
 from .bench import TimingPlan, bench
-from .compare import Tolerance
+from .gate import gate_for, gate_tolerances
 from .graph import export_graph
 from .parity import check_parity
 from .passes import PassContext, PassEntry
+from .passes._weights import weight_key
 from .passes.base import layer_name, unique_name
 from .rank_allocation import (Allocation, ConvSpectrum, Spectrum, allocate_ranks, flop_ratio_for_speedup,
                               predicted_error, rank_grid)
 from .report import LayerRecord, Report
 from .runtime import SessionConfig
 
-#: Share of the calibration samples held back to check --max-error: errors measured on the samples
-#: the Grams were fitted on would flatter the truncation.
+#: Share of the calibration samples held back to check the quality gate: errors measured on the
+#: samples the Grams were fitted on would flatter the truncation. Small sets give a quarter, so
+#: that a top-1 agreement is measured on more than a handful of rows.
 HOLD_BACK = 1 / 8
+SMALL_SET = 64
+
+
+def held_back_count(samples: int) -> int:
+    share = HOLD_BACK if samples >= SMALL_SET else 1 / 4
+    return max(1, int(samples * share))
 
 #: Calibration samples the sensitivity probe runs on (each layer costs one run over them).
 SENSITIVITY_SAMPLES = 8
 
 WEIGHT_ONLY_NOTE = ("weight-only truncation (no --calibration): on trained models the weight's own spectrum is a poor "
                     "guide to output error; pass --calibration SAMPLES.npz for whitened, data-aware ranks")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The normalized graph before decompose, and the names in use then: every later rewrite
+    (other ranks, layers kept dense) runs the passes on a fresh copy of it."""
+
+    normalized: gs.Graph
+    names: set[str]
 
 
 @dataclass
@@ -63,6 +80,10 @@ class DataPlan:
     def held_back(self) -> list[dict]:
         return [] if self.data is None else list(self.data.batches(self.fit_stop))
 
+    @property
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.normalized, self.names)
+
 
 def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, decompose: list[PassEntry],
             report: Report, on_batch: Callable[[int], None] | None = None) -> DataPlan | None:
@@ -77,12 +98,12 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
     if options.calibration is not None:
         inputs = [t.name for t in graph.inputs]
         plan.data = load_calibration(options.calibration, inputs)
-        checks = options.max_error is not None and plan.data.samples >= 2
-        plan.fit_stop = plan.data.samples - (max(1, int(plan.data.samples * HOLD_BACK)) if checks else 0)
+        checks = gate_for(options).max_error is not None and plan.data.samples >= 2
+        plan.fit_stop = plan.data.samples - (held_back_count(plan.data.samples) if checks else 0)
         specs = capture_specs(graph, options)
         calibration = collect_grams(model, specs, plan.data, stop=plan.fit_stop, provider=options.provider,
                                     on_batch=on_batch)
-        context.grams = calibration.grams
+        context.grams = shared_grams(calibration.grams, specs, context)
         held_note = f", {plan.data.samples - plan.fit_stop} held back for --max-error" if plan.fit_stop < plan.data.samples else ""
         report.notes.append(f"calibration: Gram matrices of {len(calibration.grams)} layers from {calibration.samples} "
                             f"samples{held_note}; matrix layers use whitened SVD, k x k convs whitened Tucker-2")
@@ -111,10 +132,26 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
     return plan
 
 
+def shared_grams(grams: dict[str, np.ndarray], specs: list, context: PassContext) -> dict[str, np.ndarray]:
+    """Layers that read one weight (through aliases too) are factorized once, so their whitening
+    is the Gram of all their inputs together: the sum of their Grams, given to each of them."""
+    groups: dict[tuple, list[str]] = {}
+    for spec in specs:
+        if spec.layer in grams:
+            key = (weight_key(context, spec.weight), spec.axis, spec.window, grams[spec.layer].shape)
+            groups.setdefault(key, []).append(spec.layer)
+    shared = dict(grams)
+    for layers in groups.values():
+        if len(layers) > 1:
+            total = sum(grams[layer] for layer in layers)
+            shared.update(dict.fromkeys(layers, total))
+    return shared
+
+
 def survey(graph: gs.Graph, context: PassContext, decompose: list[PassEntry]) -> list[Spectrum]:
     """Every matrix layer's and Tucker-2 conv's spectrum, measured by the decompose passes on a copy
     that they leave unchanged (they only record in survey mode); the SVDs are kept for the rewrite."""
-    probe = dataclasses.replace(context, survey={}, names=set(context.names), factors={},
+    probe = dataclasses.replace(context, survey={}, names=set(context.names), factors={}, choices={},
                                 on_layer=lambda name: None)
     copy = graph.copy()
     for entry in decompose:
@@ -262,7 +299,7 @@ def meet_speedup(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.Mode
         plan.allocation = allocation
         context.ranks = dict(allocation.ranks)
         optimized, records = rewrite(plan, original, context, entries, context.ranks)
-        _replace_records(report, records)
+        replace_records(report, records)
         measured = _measured_speedup(original, optimized, plan, options)
         history.append(f"{measured:.2f}x at {ratio:.2f}")
     verdict = "met" if measured >= target else "NOT met"
@@ -272,13 +309,21 @@ def meet_speedup(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.Mode
 
 
 def _measured_speedup(original: onnx.ModelProto, candidate: onnx.ModelProto, plan: DataPlan, options) -> float:
+    return whole_model_speedup(original, candidate, plan, options)
+
+
+def whole_model_speedup(reference: onnx.ModelProto | str, candidate: onnx.ModelProto, plan: DataPlan | None,
+                        options, hints=None, shapes: dict[str, list[int]] | None = None) -> float:
+    """latency(reference) / latency(candidate), timed interleaved with spinning off on the provider
+    asked for: on the first calibration batch when there is one (the inputs the model is served),
+    else on generated inputs (at `shapes`, e.g. those the parity check ran on)."""
     config = SessionConfig(provider=options.provider)
-    if plan.data is not None:
+    if plan is not None and plan.data is not None:
         batch = next(plan.data.batches(0, None))
-        return bench([original, candidate], config=config, plan=SPEED_PLAN,
-                     feeds={name: batch[name] for name in _fed_inputs(original)}).speedup
-    return bench([original, candidate], config=config, plan=SPEED_PLAN, shapes=options.shape, batch=options.batch,
-                 seed=options.seed).speedup
+        return bench([reference, candidate], config=config, plan=SPEED_PLAN,
+                     feeds={name: batch[name] for name in _fed_inputs(candidate)}).speedup
+    return bench([reference, candidate], config=config, plan=SPEED_PLAN, shapes=shapes or options.shape,
+                 batch=options.batch, seed=options.seed, hints=hints).speedup
 
 
 def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
@@ -306,9 +351,9 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
     fitted = {r.name: r for r in report.decomposed
               if r.method == "whitened-svd" or (r.method == "whitened-tucker2" and _tucker2(r))}
     specs = capture_specs(plan.normalized, options, patches=True)
-    users = Counter(s.weight for s in specs)
+    users = Counter(weight_key(context, s.weight) for s in specs)
     # a shared weight has one factorization; a Tucker-2 conv is refitted on its unfolded patches
-    specs = [s for s in specs if s.layer in fitted and users[s.weight] == 1
+    specs = [s for s in specs if s.layer in fitted and users[weight_key(context, s.weight)] == 1
              and (s.window is not None or not _tucker2(fitted[s.layer]))]
     if not specs:
         return optimized, context
@@ -335,7 +380,7 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
             corrected.decompositions.pop(spec.layer, None)   # factorized before with the first-pass Gram
     ranks.update(final)
     model, records = rewrite(plan, original, corrected, entries, ranks)
-    _replace_records(report, records)
+    replace_records(report, records)
     report.notes.append(f"error correction: {len(specs)} layers refitted to the original outputs, depth by depth "
                         f"({len(set(depths.values()))} passes over the calibration samples), on the inputs they see "
                         "in the compressed model")
@@ -371,30 +416,31 @@ def layer_depths(graph: gs.Graph, layers: set[str]) -> dict[str, int]:
 
 def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
              entries: list[PassEntry], report: Report) -> onnx.ModelProto:
-    """Check the rewritten model on the held-back samples; if its output error passes --max-error,
-    keep it, else bisect along the compression path (allocation steps, or the rank rule's layers
-    from least to most damaging) for the most compressed prefix within the bound.
+    """Check the rewritten model on the held-back samples against the quality gate (gate.py:
+    --max-error, default 0.25, and top-1 agreement of class outputs); if it passes, keep it, else
+    bisect along the compression path (allocation steps, or the rank rule's layers from least to
+    most damaging) for the most compressed prefix within the gate.
 
     Replaces report.layers / report.passes of `entries` with those of the model returned."""
-    bound = context.options.max_error
+    gate = gate_for(context.options)
     samples = plan.held_back()
-    if bound is None or not samples:
+    if gate.ungated or not samples:
         return optimized
-    error = _output_error(original, optimized, samples, context)
-    if error <= bound:
-        report.notes.append(f"--max-error {bound:g}: output error {error:.2e} on {_count(samples)} held-back samples")
+    passed, measured = _within_gate(original, optimized, samples, context)
+    if passed:
+        report.notes.append(f"quality gate {gate.describe()}: {measured} on {_count(samples)} held-back samples")
         return optimized
     # under an allocation every layer it surveyed and did not step stays dense (the rank rule would
     # decide them otherwise); the rank rule's skipped layers it decides again, the same way
     allocated = plan.allocation is not None
     path = plan.allocation.steps if allocated else _rank_rule_path(report)
     dense = set(plan.allocation.ranks) if allocated else set()
-    lo, hi = 0, len(path)          # prefix lo is within the bound (0: the original), prefix hi is not
+    lo, hi = 0, len(path)          # prefix lo is within the gate (0: the original), prefix hi is not
     best = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
         model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, dense))
-        if _output_error(original, model, samples, context) <= bound:
+        if _within_gate(original, model, samples, context)[0]:
             lo, best = mid, (model, records)
         else:
             hi = mid
@@ -402,26 +448,32 @@ def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelPro
     restored = {name for name, _ in path[lo:]} - {name for name, _ in path[:lo]}
     for r in (r for pass_records in records.values() for r in pass_records):
         if r.name in restored and not r.decomposed:
-            r.reason = f"restored by --max-error {bound:g}"
-    _replace_records(report, records)
-    report.notes.append(f"--max-error {bound:g}: the planned model's output error {error:.2e} on {_count(samples)} "
-                        f"held-back samples is over the bound; backed off to {lo} of {len(path)} compression "
+            r.reason = f"restored by the quality gate ({gate.describe()})"
+    replace_records(report, records)
+    report.notes.append(f"quality gate {gate.describe()}: the planned model ({measured} on {_count(samples)} "
+                        f"held-back samples) is outside it; backed off to {lo} of {len(path)} compression "
                         "steps, the most damaging per unit of cost undone first"
-                        + ("" if lo else ": no step fits the bound, nothing is decomposed"))
+                        + ("" if lo else ": no step fits the gate, nothing is decomposed"))
     return model
 
 
 def rewrite(plan: DataPlan, original: onnx.ModelProto, context: PassContext, entries: list[PassEntry],
             ranks: dict[str, int | None]) -> tuple[onnx.ModelProto, dict[str, list[LayerRecord]]]:
-    """The passes on a fresh copy of the normalized graph, with these ranks."""
-    graph = plan.normalized.copy()
-    fresh = dataclasses.replace(context, ranks=ranks, names=set(plan.names), factors={}, survey=None,
+    return rewrite_snapshot(plan.snapshot, original, context, entries, ranks)
+
+
+def rewrite_snapshot(snapshot: Snapshot, original: onnx.ModelProto, context: PassContext, entries: list[PassEntry],
+                     ranks: dict[str, int | None]) -> tuple[onnx.ModelProto, dict[str, list[LayerRecord]]]:
+    """The passes on a fresh copy of the normalized graph, with these ranks (and the context's
+    layers kept dense)."""
+    graph = snapshot.normalized.copy()
+    fresh = dataclasses.replace(context, ranks=ranks, names=set(snapshot.names), factors={}, choices={}, survey=None,
                                 on_layer=lambda name: None)
     records = {entry.name: entry.run(graph, fresh).records for entry in entries}
     return export_graph(graph, original), records
 
 
-def _replace_records(report: Report, records: dict[str, list[LayerRecord]]) -> None:
+def replace_records(report: Report, records: dict[str, list[LayerRecord]]) -> None:
     """The records of a rewrite take the place of the earlier rewrite's, pass by pass, in order."""
     report.layers = [r for r in report.layers if r.pass_name not in records]
     for name, pass_records in records.items():
@@ -463,11 +515,17 @@ def _matrix_layer(record: LayerRecord) -> bool:
     return record.op != "Conv" or all(d == 1 for d in record.weight_shape[2:])
 
 
-def _output_error(original: onnx.ModelProto, candidate: onnx.ModelProto, samples: list[dict],
-                  context: PassContext) -> float:
-    result = check_parity(original, candidate, tolerance=Tolerance(max_error=context.options.max_error),
+def _within_gate(original: onnx.ModelProto, candidate: onnx.ModelProto, samples: list[dict],
+                 context: PassContext) -> tuple[bool, str]:
+    """Whether the candidate is within the quality gate on these samples, and what was measured."""
+    gate = gate_for(context.options)
+    tolerance, per_output = gate_tolerances(gate, gate.max_error, original)
+    result = check_parity(original, candidate, tolerance=tolerance, per_output=per_output,
                           provider=context.options.provider, samples=samples)
-    return max(o.rel_l2_error for o in result.outputs)
+    worst = max(result.outputs, key=lambda o: o.rel_l2_error)
+    top1 = [o.top1_agreement for o in result.outputs if o.min_top1 is not None]
+    measured = f"rel_l2 {worst.rel_l2_error:.3g}" + (f", top-1 agreement {min(top1):.3f}" if top1 else "")
+    return result.passed, measured
 
 
 def _count(batches: list[dict]) -> int:

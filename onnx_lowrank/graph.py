@@ -31,13 +31,48 @@ class ExternalValues(gs.ir.tensor.LazyValues):
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The model's graph for the passes. A node that shares its name with an earlier node gets a
+    unique one inside the tool (per-layer choices are keyed by layer name); export_graph gives it
+    its own name back."""
     graph = gs.import_onnx(model)
+    renamed = {outputs: name for outputs, (_, name) in duplicate_node_names(model).items()}
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for tensor in g.tensors().values():
             values = getattr(tensor, "_values", None)
             if type(values) is gs.ir.tensor.LazyValues and external_base(values.tensor) is not None:
                 values.__class__ = ExternalValues
+        for node in g.nodes if renamed else ():
+            node.name = renamed.get(tuple(t.name for t in node.outputs), node.name)
     return graph
+
+
+def duplicate_node_names(model: onnx.ModelProto) -> dict[tuple[str, ...], tuple[str, str]]:
+    """{a node's outputs: (its name, the unique name it goes by in the tool)} for every node whose
+    name an earlier node already has. ONNX Runtime runs such models; the passes key layers by
+    name, so those nodes are renamed `NAME_2`, `NAME_3`, ... (a name nothing else uses)."""
+    nodes = [node for g in _all_graphs(model) for node in g.node]
+    taken = {n.name for n in nodes} | {t for n in nodes for t in n.output}
+    seen: Counter[str] = Counter()
+    renamed = {}
+    for node in nodes:
+        seen[node.name] += 1
+        if node.name and seen[node.name] > 1:
+            i = seen[node.name]
+            while f"{node.name}_{i}" in taken:
+                i += 1
+            taken.add(f"{node.name}_{i}")
+            renamed[tuple(node.output)] = (node.name, f"{node.name}_{i}")
+    return renamed
+
+
+def _all_graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    graphs, pending = [], [model.graph]
+    while pending:
+        g = pending.pop(0)
+        graphs.append(g)
+        pending.extend(sub for node in g.node for attr in node.attribute
+                       for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+    return graphs
 
 
 def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -46,7 +81,12 @@ def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     size S peaks at about 2 S here (the original and the export), not 3 S."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     _restore_lazy(graph, original)
+    originals = {name: base for base, name in duplicate_node_names(original).values()}
     model = gs.export_onnx(graph, do_type_check=False)
+    if originals:
+        for g in _all_graphs(model):
+            for node in g.node:
+                node.name = originals.get(node.name, node.name)
     for descriptor in model.DESCRIPTOR.fields:
         if descriptor.name != "graph":
             model.ClearField(descriptor.name)
@@ -101,6 +141,24 @@ def count_parameters(model: onnx.ModelProto) -> int:
             n *= d
         total += n
     return total
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every constant tensor's values (initializers and Constant nodes, subgraphs
+    included) as stored, from their dims and element type: what a rewrite may never grow."""
+    total = 0
+    for tensor in _get_all_tensors(model):
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize \
+            if tensor.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) else 0
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Names of every constant tensor of the model (initializers, Constant nodes' outputs),
+    subgraphs included."""
+    return {name for g in _all_graphs(model)
+            for name in [*(t.name for t in g.initializer), *(n.output[0] for n in g.node if n.op_type == "Constant")]}
 
 
 def structure_only(model: onnx.ModelProto, threshold: int = 1024) -> onnx.ModelProto:

@@ -58,24 +58,9 @@ def check_input_model(model: onnx.ModelProto, name: str) -> None:
         onnx.checker.check_model(structure_only(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"input model '{name}' is not a valid ONNX model: {first_line(exc)}") from None
-    problem = _tensor_size_problem(model) or _duplicate_node_name(model.graph)
+    problem = _tensor_size_problem(model)
     if problem:
         raise ModelLoadError(f"input model '{name}' is not a valid ONNX model: {problem}")
-
-
-def _duplicate_node_name(graph: onnx.GraphProto) -> str | None:
-    """onnx.checker allows two nodes of one name; ONNX Runtime refuses them, and per-layer choices
-    (ranks, calibration statistics) are keyed by layer name, so they would be mixed up."""
-    seen: set[str] = set()
-    for node in graph.node:
-        if node.name and node.name in seen:
-            return f"two nodes are named '{node.name}' in graph '{graph.name}'"
-        seen.add(node.name)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                if problem := _duplicate_node_name(sub):
-                    return problem
-    return None
 
 
 _T = onnx.TensorProto

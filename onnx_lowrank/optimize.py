@@ -3,6 +3,7 @@ check -> validate. Saving is the caller's (the CLI, or the user with onnx_lowran
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable
 
@@ -13,8 +14,10 @@ from .shapes import infer_output_shapes
 from .bench import bench
 from .compare import Tolerance
 from .errors import OptionError
+from .gate import gate_for, gate_tolerances
 from .graph import (count_parameters, export_graph, import_graph, materialize, model_size, quantized_op_counts,
-                    structure_only)
+                    structure_only, tensor_names, weight_bytes)
+from .inputs import input_hints
 from .io import check_input_model, load_model_with_info
 from .latency import latency_for
 from .options import Options
@@ -31,9 +34,6 @@ _CHECK_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceErr
 PARITY_FLOOR = 1e-4
 PARITY_FLOOR_16BIT = 1e-2
 
-#: An implied relative output error bound this large is met by almost any output: say so.
-VACUOUS = 1.0
-
 #: Summed relative weight error above which a weight-only truncation is lossy enough that
 #: calibration data would change the result.
 LOSSY = 1e-2
@@ -47,6 +47,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
     Keyword arguments are the fields of Options (the CLI flags with '-' -> '_'), e.g.
     optimize("in.onnx", tolerance=1e-2, rank_multiple=16, ops="matmul,gemm").
     on_layer(name) is called per candidate layer, on_calibration(samples) per calibration batch.
+
+    What comes back is the input itself whenever the rewrite does not pay: nothing decomposed,
+    factors that would add bytes, or (with --measure) a whole model that measures slower.
     """
     options = _options(options, kwargs)
     unknown = sorted(set(options.skip) - {entry.name for entry in PIPELINE})
@@ -61,6 +64,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
         if external and options.calibration is not None:
             materialize(original)   # calibration runs modified copies of the model, which need every byte
     report = Report(input=source, options=options.to_dict(), input_external_data=external)
+    hints = input_hints(original)
 
     output_shapes, shape_notes = infer_output_shapes(original, data_aware.analysis_shapes(options, original),
                                                      options.batch)
@@ -76,38 +80,125 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
     _run_passes([e for e in entries if e.stage == "normalize"], graph, context, report)
     plan = data_aware.prepare(graph, original, context, [e for e in rewrites if e.stage == "decompose"], report,
                               on_calibration)
+    snapshot = data_aware.Snapshot(graph.copy(), set(context.names)) if plan is None else plan.snapshot
     _run_passes(rewrites, graph, context, report)
     if latency_note := getattr(context.latency, "describe", lambda: "")():
         report.notes.append(latency_note)
 
-    optimized = export_graph(graph, original) if report.changed else original
-    if plan is not None and report.changed:
+    optimized = original
+    if _worth_writing(report):
+        optimized = _within_bytes(export_graph(graph, original), original, snapshot, context, rewrites, report)
+    if plan is not None and optimized is not original:
         optimized = data_aware.finish(plan, original, optimized, context, rewrites, report, on_calibration)
+    if optimized is not original and weight_bytes(optimized) > weight_bytes(original):
+        optimized = _fall_back(report, original, "the rewritten model holds more weight bytes than the input")
+    if optimized is not original and not _worth_writing(report):
+        optimized = _fall_back(report, original, "")
     if options.calibration is None and sum(r.weight_error or 0.0 for r in report.decomposed) > LOSSY:
         report.notes.append(data_aware.WEIGHT_ONLY_NOTE)
-    if report.changed:
+    if optimized is not original:
         _check(optimized, original, report)
-    else:
-        optimized = original
     if not report.decomposed:
         report.notes.append(_nothing_done(report, options))
-    report.params_before, report.params_after = count_parameters(original), count_parameters(optimized)
-    report.size_before, report.size_after = model_size(original), model_size(optimized)
-    del graph, context   # gs's lazy constants hold the original's tensors; release them first
+    _measure_sizes(report, original, optimized)
+    del graph, context, snapshot   # gs's lazy constants hold the original's tensors; release them first
     reference = _release_if_owned(model, original, optimized)
 
-    if options.validate:
-        tolerance, source_note = implied_tolerance(report, options, original)
-        report.parity = check_parity(reference, optimized, tolerance=tolerance, tolerance_source=source_note,
-                                     provider=options.provider, shapes=options.shape, batch=options.batch,
-                                     seed=options.seed, samples=data_aware.parity_samples(plan))
+    if options.validate and optimized is not original:
+        tolerance, per_output, source_note = parity_tolerance(report, options, original if reference is original
+                                                              else optimized)
+        report.parity = check_parity(reference, optimized, tolerance=tolerance, per_output=per_output,
+                                     tolerance_source=source_note, provider=options.provider, shapes=options.shape,
+                                     batch=options.batch, seed=options.seed, hints=hints,
+                                     samples=data_aware.parity_samples(plan))
     elif shape_notes:
         report.notes.extend(shape_notes)
+    passed = report.parity is None or report.parity.passed
+    if optimized is not original and passed and options.measure and not options.allow_slower:
+        optimized = _not_slower(reference, optimized, original, model, plan, hints, report, options)
     if options.bench:
         report.bench = bench([reference, optimized], config=SessionConfig(provider=options.provider),
                              labels=["original", "optimized"], shapes=options.shape, batch=options.batch,
-                             seed=options.seed)
+                             seed=options.seed, hints=hints)
     return optimized, report
+
+
+#: A rewritten model that measures below this fraction of the original's speed is not written:
+#: interleaved timings of a model against itself read 0.99-1.02x here with spinning off.
+NEVER_SLOWER = 0.97
+
+
+def _worth_writing(report: Report) -> bool:
+    """Some pass changed the graph (a model nothing changed is written as it came, with no run)."""
+    return report.changed
+
+
+def _fall_back(report: Report, original: onnx.ModelProto, why: str) -> onnx.ModelProto:
+    """The input is the output: the layer records stay as the report of what was tried."""
+    if why:
+        report.fallback = why
+        report.notes.append(f"{why}: the output is the input, unchanged")
+    for record in report.layers:
+        if record.decomposed:
+            record.status, record.reason = "skipped", f"undone: {why}" if why else record.reason
+    report.passes = dict.fromkeys(report.passes, 0)
+    return original
+
+
+def _measure_sizes(report: Report, original: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
+    report.params_before, report.params_after = count_parameters(original), count_parameters(optimized)
+    report.size_before, report.size_after = model_size(original), model_size(optimized)
+
+
+def _within_bytes(optimized: onnx.ModelProto, original: onnx.ModelProto, snapshot, context: PassContext,
+                  entries: list, report: Report) -> onnx.ModelProto:
+    """A lossy rule never grows the model: a weight whose factors take more bytes than the weight
+    frees (it stays in the model for a reader that keeps it dense, or the factors outweigh it) is
+    kept dense by all its readers, and the model rewritten once without it."""
+    if weight_bytes(optimized) <= weight_bytes(original):
+        return optimized
+    present = tensor_names(optimized)
+    readers: dict[str, list] = {}
+    for record in report.decomposed:
+        if record.weight is not None:
+            readers.setdefault(record.weight, []).append(record)
+    for source, records in readers.items():
+        added = sum(r.factor_bytes or 0 for r in records)
+        freed = 0 if source in present else (records[0].weight_bytes or 0)
+        if added > freed:
+            why = (f"kept dense: its factors ({added:,} B) would outweigh what they free of weight '{source}' "
+                   f"({freed:,} B{'; another reader keeps it' if source in present else ''})")
+            context.dense.update({r.name: why for r in records})
+    rewritten, records = data_aware.rewrite_snapshot(snapshot, original, context, entries, context.ranks)
+    data_aware.replace_records(report, records)
+    kept = len({name for name in context.dense})
+    report.notes.append(f"{kept} layers kept dense so that the model does not grow (shared or 16-bit weights "
+                        "whose factors would add bytes)")
+    return rewritten
+
+
+def _not_slower(reference, optimized: onnx.ModelProto, original: onnx.ModelProto, model, plan, hints,
+                report: Report, options: Options) -> onnx.ModelProto:
+    """Time the written model against the original as a whole (interleaved, spinning off, on the
+    provider asked for); one that is slower is not written: the input is."""
+    speed = data_aware.whole_model_speedup(reference, optimized, plan, options, hints,
+                                           report.parity.input_shapes if report.parity else None)
+    report.measured_speedup = round(speed, 3)
+    target = options.target_speedup
+    if target is not None and speed < target and gate_for(options).max_error is not None:
+        report.notes.append(f"--target-speedup {target:g}: reached {speed:.2f}x as a whole model under the gate "
+                            f"{gate_for(options).describe()}; the gate, not the target, set the ranks")
+    if speed >= NEVER_SLOWER:
+        return optimized
+    if isinstance(model, onnx.ModelProto):
+        original_model = model
+    else:
+        original_model, _ = load_model_with_info(model)
+    _fall_back(report, original_model, f"the rewritten model measured {speed:.2f}x the original's speed as a "
+                                       f"whole model on {options.provider} (below {NEVER_SLOWER}x)")
+    report.parity = None
+    _measure_sizes(report, original_model, original_model)
+    return original_model
 
 
 def _release_if_owned(source, original: onnx.ModelProto, optimized: onnx.ModelProto) -> onnx.ModelProto | str:
@@ -128,28 +219,37 @@ def _run_passes(entries: list, graph, context: PassContext, report: Report) -> N
         report.passes[entry.name] = sum(r.status != "skipped" for r in result.records)
 
 
-def implied_tolerance(report: Report, options: Options, model: onnx.ModelProto) -> tuple[Tolerance, str]:
-    """The output error the rank rule implies: to first order a relative weight error e moves a
-    layer's output by about e, and layer errors add up through the network; twice the sum leaves
-    room for the nonlinearities in between."""
-    if options.max_error is not None:
-        return Tolerance(max_error=options.max_error), "--max-error"
+def parity_tolerance(report: Report, options: Options, model: onnx.ModelProto
+                     ) -> tuple[Tolerance, dict[str, Tolerance], str]:
+    """The parity check's tolerance: the quality gate (gate.py) of a lossy run, tightened to the
+    output error the rank rule implies where that is smaller (a rewrite worse than its own layers'
+    errors predict is a bug to catch, not a loss to accept). To first order a relative weight
+    error e moves a layer's output by about e, and layer errors add up through the network; twice
+    the sum leaves room for the nonlinearities in between."""
+    gate = gate_for(options)
+    report.gate = gate.describe()
+    if gate.ungated:
+        tolerance, per_output = gate_tolerances(gate, math.inf, model)
+        return tolerance, per_output, "--max-error none"
     # with calibration, the activation-weighted error is the one that predicts the output's
     errors = [r.activation_error if r.activation_error is not None else r.weight_error
               for r in report.decomposed if r.weight_error is not None]
-    floor = PARITY_FLOOR_16BIT if _has_16bit_outputs(model) else PARITY_FLOOR
-    bound = max(floor, 2 * sum(errors))
-    if bound >= VACUOUS:
-        report.notes.append(f"the rank rule implies an output error bound of {bound:.2g}, which any output meets: "
-                            "parity PASSED means little here; gate on --max-error E")
+    floor = PARITY_FLOOR_16BIT if _has_16bit(model) else PARITY_FLOOR
+    implied = max(floor, 2 * sum(errors))
+    if gate.source == "--max-error" or implied >= gate.max_error:
+        tolerance, per_output = gate_tolerances(gate, gate.max_error, model)
+        return tolerance, per_output, f"the quality gate, {gate.source}"
     kind = "activation" if options.calibration else "weight"
-    return Tolerance(max_error=bound), (f"2 x sum of layer {kind} errors, floor {floor:g}" if errors
-                                        else "nothing decomposed: float rounding only")
+    tolerance, per_output = gate_tolerances(gate, implied, model)
+    return tolerance, per_output, (f"2 x sum of layer {kind} errors, floor {floor:g}, within the gate "
+                                   f"{gate.max_error:g}" if errors else "nothing decomposed: float rounding only")
 
 
-def _has_16bit_outputs(model: onnx.ModelProto) -> bool:
+def _has_16bit(model: onnx.ModelProto) -> bool:
+    """16-bit outputs, or 16-bit weights: factors stored in float16 are rounded to ~5e-4 each."""
     sixteen = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-    return any(o.type.tensor_type.elem_type in sixteen for o in model.graph.output)
+    return (any(o.type.tensor_type.elem_type in sixteen for o in model.graph.output)
+            or any(t.data_type in sixteen for t in model.graph.initializer))
 
 
 def _options(options: Options | None, kwargs: dict[str, Any]) -> Options:

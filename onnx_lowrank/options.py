@@ -58,7 +58,11 @@ class Options:
     error_correction: bool = False
     # proof
     validate: bool = True
-    max_error: float | None = None       # relative L2 output error; default implied by the rank rule
+    # the quality gate of a lossy run (gate.py): relative L2 output error per output (None: the
+    # default gate; "none": ungated, measured only) and top-1 agreement of class outputs
+    max_error: float | str | None = None
+    min_top1: float | None = None
+    allow_slower: bool = False           # keep a result that measures slower than the original
     shape: dict[str, list[int]] = field(default_factory=dict)
     # dynamic batch dims in the parity check: one row's error swings ~2x around the weight error
     # (x W concentrates on r directions); a few rows average that out
@@ -107,8 +111,14 @@ class Options:
         _check(self.min_layer_speedup > 0, f"--min-layer-speedup must be positive, got {self.min_layer_speedup}")
         _check(0 <= self.min_flop_reduction < 1,
                f"--min-flop-reduction must be in [0, 1), got {self.min_flop_reduction}")
-        if self.max_error is not None:
+        if isinstance(self.max_error, str):
+            _check(self.max_error.strip().lower() == "none",
+                   f"--max-error must be a positive number or none, got {self.max_error!r}")
+            self.max_error = "none"
+        elif self.max_error is not None:
             _check(self.max_error > 0, f"--max-error must be positive, got {self.max_error}")
+        if self.min_top1 is not None:
+            _check(0 <= self.min_top1 <= 1, f"--min-top1 must be in [0, 1], got {self.min_top1}")
         _check(int(self.batch) == self.batch and self.batch >= 1, f"--batch must be a positive integer, got {self.batch}")
         _check(int(self.seed) == self.seed and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed}")
         _check(not self.error_correction or self.calibration is not None,

@@ -34,6 +34,11 @@ class LayerRecord:
     latency_dense_ms: float | None = None
     latency_factorized_ms: float | None = None
     decision: str = ""               # what the measurements decided (rank search, kept dense), and why
+    # the model's tensor the weight is read from (behind any Identity / Cast / Transpose), its bytes
+    # as stored, and the bytes of the factors this layer added (0 when it shares another's)
+    weight: str | None = None
+    weight_bytes: int | None = None
+    factor_bytes: int | None = None
 
     @property
     def decomposed(self) -> bool:
@@ -67,6 +72,7 @@ class OutputComparison:
     bound: float | None = None             # its max_error, when judged by rel_l2
     mismatched: int | None = None          # elements outside atol + rtol |y0|, when judged elementwise
     reference_shape: list[int] | None = None   # set when the shapes differ
+    min_top1: float | None = None          # the top-1 agreement it had to reach, if any
 
 
 @dataclass
@@ -78,6 +84,7 @@ class ParityResult:
     samples: int
     input_shapes: dict[str, list[int]]
     notes: list[str] = field(default_factory=list)
+    ungated: bool = False     # measured only (--max-error none): passed says nothing
 
 
 @dataclass
@@ -133,6 +140,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
     parity: ParityResult | None = None
     bench: BenchResult | None = None
+    gate: str = ""                  # what a lossy run's output error was held to (gate.Gate.describe)
+    measured_speedup: float | None = None   # whole model, original vs written, timed interleaved
+    fallback: str = ""              # why the written model is the input, when it is
 
     @property
     def decomposed(self) -> list[LayerRecord]:

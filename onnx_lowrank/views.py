@@ -106,7 +106,7 @@ def parity_table(parity: ParityResult) -> str:
     headers = ["output", "shape", "max abs", "max rel", "rel l2", "cosine", "top-1", *(["pass if"] * per_output), "result"]
     body = table(headers, rows, "llrrrrr" + "l" * per_output + "l")
     failures = [f"FAILED {o.name}: {failure_detail(o)}" for o in parity.outputs if not o.passed]
-    verdict = "PASSED" if parity.passed else "FAILED"
+    verdict = "UNGATED (measured only: --max-error none)" if parity.ungated else "PASSED" if parity.passed else "FAILED"
     return "\n".join([head, body, *failures, *parity.notes, f"parity {verdict}"])
 
 
@@ -118,9 +118,40 @@ def failure_detail(o: OutputComparison) -> str:
         size = max(1, math.prod(o.shape))
         return (f"{o.mismatched} of {size} elements ({o.mismatched / size:.1%}) outside {o.criterion}; "
                 f"max abs error {o.max_abs_error:.3e}")
+    misses = []
     if o.bound is not None and o.rel_l2_error > o.bound:
-        return f"rel_l2 {o.rel_l2_error:.3e} > {o.bound:.1e} ({o.rel_l2_error / o.bound:.3g}x the bound)"
+        misses.append(f"rel_l2 {o.rel_l2_error:.3e} > {o.bound:.1e} ({o.rel_l2_error / o.bound:.3g}x the bound)")
+    if o.min_top1 is not None and o.top1_agreement is not None and o.top1_agreement < o.min_top1:
+        misses.append(f"top-1 agreement {o.top1_agreement:.3f} < {o.min_top1:g}")
+    if misses:
+        return "; ".join(misses)
     return "non-finite values (NaN or inf) where the reference has finite ones, or the other way"
+
+
+def gate_miss(parity: ParityResult) -> str:
+    """The failing outputs in one line: by how much each missed."""
+    return "; ".join(f"{o.name}: {failure_detail(o)}" for o in parity.outputs if not o.passed)
+
+
+def gate_advice(parity: ParityResult, calibrated: bool) -> str:
+    """What would meet the gate, in flags."""
+    worst = max((o.rel_l2_error for o in parity.outputs if math.isfinite(o.rel_l2_error)), default=None)
+    loosen = (f"--max-error {_round_up(worst)} accepts this error" if worst is not None and worst > 0
+              else "loosen --max-error")
+    top1 = [o for o in parity.outputs if o.min_top1 is not None and o.top1_agreement is not None
+            and o.top1_agreement < o.min_top1]
+    if top1:
+        loosen += f" (with --min-top1 {math.floor(min(o.top1_agreement for o in top1) * 100) / 100:g})"
+    ways = ["a less lossy rank rule or target"]
+    if not calibrated:
+        ways.insert(0, "--calibration SAMPLES.npz (data-aware ranks, backed off on held-out samples until the gate holds)")
+    return f"to meet it: {', or '.join(ways)}; {loosen}; or --force writes it anyway"
+
+
+def _round_up(value: float) -> str:
+    """Two significant digits, rounded up: a bound the measured error meets."""
+    exponent = math.floor(math.log10(value)) - 1
+    return f"{math.ceil(value / 10 ** exponent) * 10 ** exponent:.2g}"
 
 
 def bench_table(result: BenchResult) -> str:

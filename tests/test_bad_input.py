@@ -151,16 +151,6 @@ def test_byte_identical_output_on_two_runs(tmp_path, model_path):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
-def test_duplicate_node_names_are_refused(tmp_path, capsys):
-    model = model_from_text("""(float[N, 64] x) => (float[N, 96] y) {
-        [same] h = MatMul(x, W)
-        [same] y = Relu(h)
-    }""", W=W)
-    path = tmp_path / "dup.onnx"
-    onnx.save(model, path)
-    run_refused(capsys, ["optimize", str(path), str(tmp_path / "out.onnx")], "two nodes are named 'same'")
-
-
 @pytest.mark.parametrize("flags,expected", [
     (["--seed", "-1"], "--seed must be a non-negative integer"),
     (["--shape", "x:0,64"], "positive integers"),

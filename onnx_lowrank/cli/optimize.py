@@ -84,8 +84,16 @@ def add_parser(sub) -> None:
                      help="ONNX Runtime execution provider of the parity check and --bench (default cpu)")
     chk.add_argument("--bench", action="store_true",
                      help="time the original against the result in ONNX Runtime (interleaved) and report the speedup")
-    chk.add_argument("--max-error", type=float_arg, metavar="E",
-                     help="parity passes if ||y - y0|| / ||y0|| <= E per output (default: implied by the rank rule)")
+    chk.add_argument("--max-error", type=_max_error, metavar="E|none",
+                     help="the quality gate: every output's ||y - y0|| / ||y0|| <= E on held-out samples (held-back "
+                          "calibration samples, else generated inputs); default 0.25 (about cosine 0.97), tighter "
+                          "where the rank rule implies less; none: measure only (UNGATED)")
+    chk.add_argument("--min-top1", type=float_arg, metavar="A",
+                     help="outputs that look like class scores must also agree with the original's top-1 on a "
+                          "share >= A of their rows (default 0.95; not checked with --max-error none)")
+    chk.add_argument("--allow-slower", action="store_true",
+                     help="keep a result that measures slower than the original as a whole model (by default "
+                          "such a result is dropped and the input written unchanged; needs --measure)")
     chk.add_argument("--shape", action="append", metavar="NAME:D1,D2,...",
                      help="input shape for the check (repeatable); dynamic dims default to --batch, others 16")
     chk.add_argument("--batch", type=int_arg, default=4, help="value for dynamic batch dims (default 4)")
@@ -102,13 +110,17 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _max_error(text: str) -> float | str:
+    return "none" if text.strip().lower() == "none" else float_arg(text)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..io import check_output_path, save_model
     from ..optimize import optimize
     from ..options import Options, parse_shapes
-    from ..views import human_bytes, render
+    from ..views import gate_advice, gate_miss, human_bytes, render
 
     if args.input is None:
         if not SAMPLE_MODEL.is_file():
@@ -135,12 +147,18 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         write_text(args.report, report.to_json() + "\n")
     if report.parity is not None and not report.parity.passed and not args.force:
-        print(f"onnx-lowrank: parity FAILED: {output_path} not written (loosen --max-error, or --force to write it anyway)",
-              file=sys.stderr)
+        print(f"onnx-lowrank: parity FAILED: {gate_miss(report.parity)}: {output_path} not written; "
+              f"{gate_advice(report.parity, calibrated=args.calibration is not None)}", file=sys.stderr)
         return 1
     external = report.input_external_data if args.external_data is None else args.external_data
     save_model(model, output_path, external_data=external)
-    verdict = "" if report.parity is None else f", parity {'PASSED' if report.parity.passed else 'FAILED'}"
+    verdict = "" if report.parity is None else (
+        f", UNGATED: output rel_l2 {max(o.rel_l2_error for o in report.parity.outputs):.3g}" if report.parity.ungated
+        else f", parity {'PASSED' if report.parity.passed else 'FAILED'}")
+    if report.measured_speedup is not None:
+        verdict += f", measured {report.measured_speedup:.2f}x"
+    elif report.fallback:
+        verdict += f"; written unchanged: {report.fallback}"
     if report.bench is not None:
         verdict += f", speedup {report.bench.speedup:.2f}x"
     print(f"wrote {output_path} ({human_bytes(report.size_before)} -> {human_bytes(report.size_after)}, "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..latency import LayerGeometry
@@ -15,7 +16,8 @@ from ..numerics.tucker import relative_error
 from ..numerics.whitening import corrected_weight, whitened_svd
 from ..rank_allocation import LayerSpectrum
 from ..rank_choice import MeasuredDecision, choose_matrix_rank, measure_matrix_rank
-from .base import LayerRecord, PassContext, factor_constant
+from ._weights import prior_choice, record_choice, storage_dtype, weight_key, weight_source
+from .base import LayerRecord, PassContext, factor_constant, new_name
 
 
 @dataclass
@@ -42,6 +44,23 @@ def factorize_matrix(context: PassContext, weight: gs.Constant, w: np.ndarray, r
     """
     k, n = w.shape
     name = record.name
+    if name in context.dense:
+        record.status, record.reason = "skipped", context.dense[name]
+        return None
+    prior = prior_choice(context, weight)
+    if prior is not None and prior.ranks is None:
+        record.status, record.reason = "skipped", f"reads the weight of {prior.layer}, which stays dense"
+        return None
+    factors = _factorize(context, weight, w, record, input_axis, geometry, prior)
+    if context.survey is None and prior is None:
+        record_choice(context, weight, name, tuple(record.rank) if factors is not None else None)
+    return factors
+
+
+def _factorize(context: PassContext, weight: gs.Constant, w: np.ndarray, record: LayerRecord, input_axis: int,
+               geometry: LayerGeometry | None, prior) -> MatrixFactors | None:
+    k, n = w.shape
+    name = record.name
     cache = context.decompositions if context.decompositions is not None else {}
     if name not in cache:
         cache[name] = _decompose(w, context.grams.get(name), input_axis, context.cross_grams.get(name))
@@ -55,7 +74,10 @@ def factorize_matrix(context: PassContext, weight: gs.Constant, w: np.ndarray, r
                                              float(record.positions or 1))
         record.status, record.reason = "skipped", "surveyed only"
         return None
-    if name in context.ranks:
+    if prior is not None:
+        (rank,) = prior.ranks     # one factorization per weight: the first reader's rank
+        record.reason = f"shares the factors of {prior.layer}"
+    elif name in context.ranks:
         rank = context.ranks[name]
         if rank is None:
             record.status, record.reason = "skipped", "kept dense by the global rank allocation"
@@ -121,13 +143,28 @@ def record_measurement(record: LayerRecord, measured: MeasuredDecision) -> None:
         record.status, record.reason = "skipped", measured.decision
 
 
-def shared_constants(context: PassContext, weight: gs.Constant, key: tuple, arrays: dict[str, np.ndarray]
-                     ) -> dict[str, gs.Constant]:
-    """Constants for a weight's factors, created once per (weight, layout) even if several nodes
-    share the weight, so memory is not duplicated."""
-    cache_key = (weight.name, *key)
+def shared_constants(graph: gs.Graph, context: PassContext, weight: gs.Constant, key: tuple,
+                     arrays: dict[str, np.ndarray], record: LayerRecord) -> dict[str, gs.Tensor]:
+    """The tensors a layer reads its factors from, made once per weight and layout however many
+    nodes (or aliases) read the weight, so memory is not duplicated. A weight stored in float16
+    behind a Cast gets its factors stored in float16 behind Casts too: fp32 factors would double
+    its bytes."""
+    cache_key = (weight_key(context, weight.name), *key)
+    record.weight, record.weight_bytes = weight_source(context, weight)
+    record.factor_bytes = 0
     if cache_key not in context.factors:
-        context.factors[cache_key] = tuple(
-            factor_constant(context, f"{weight.name}_lowrank_{suffix}", values, values.dtype)
-            for suffix, values in arrays.items())
+        stored = storage_dtype(context, weight.name)
+        record.factor_bytes = sum(int(v.size) * np.dtype(stored or v.dtype).itemsize for v in arrays.values())
+        tensors = []
+        for suffix, values in arrays.items():
+            base = f"{weight.name}_lowrank_{suffix}"
+            if stored is None or stored == values.dtype:
+                tensors.append(factor_constant(context, base, values, values.dtype))
+                continue
+            cast = gs.Variable(new_name(context, f"{base}_cast"), dtype=values.dtype, shape=list(values.shape))
+            graph.nodes.append(gs.Node("Cast", new_name(context, f"{base}_cast"),
+                                       {"to": onnx.helper.np_dtype_to_tensor_dtype(values.dtype)},
+                                       inputs=[factor_constant(context, base, values, stored)], outputs=[cast]))
+            tensors.append(cast)
+        context.factors[cache_key] = tuple(tensors)
     return dict(zip(arrays, context.factors[cache_key]))

@@ -46,11 +46,27 @@ class PassContext:
     # layer name -> its SVD, kept only when the data-aware path revisits layers (None: not kept, so
     # a plain run holds one layer's SVD at a time)
     decompositions: dict[str, object] | None = None
-    # id(tensor) -> how fold_constant_weights made it a constant, so a layer left dense gets it back
-    folds: dict[int, object] = field(default_factory=dict)
+    # tensor name -> how fold_constant_weights made it a constant (fold_constant_weights.Fold), so a
+    # layer left dense gets its chain back, and aliases of one weight are known as one (weight_key)
+    folds: dict[str, object] = field(default_factory=dict)
+    # weight_key -> what the first layer that reads the weight decided, which every other layer
+    # reading it follows: one factorization per unique weight
+    choices: dict[str, "WeightChoice"] = field(default_factory=dict)
+    # layer -> why it is kept dense whatever the rule says (set by optimize's checks of the result,
+    # e.g. factors that would add bytes)
+    dense: dict[str, str] = field(default_factory=dict)
     # latency(geometry, form) -> ms of one layer in ONNX Runtime (onnx_lowrank.latency), filled by the
     # pipeline when --measure is on; None: ranks and dense-vs-factorized come from the FLOP model
     latency: Callable[..., float] | None = None
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """The first decision on a weight: factorized at `ranks` by `layer`, or kept dense (None)."""
+
+    layer: str
+    ranks: tuple[int, ...] | None
+    method: str | None = None
 
 
 def walk_graphs(graph: gs.Graph) -> list[gs.Graph]:

@@ -23,6 +23,7 @@ from ..numerics import ranks as R
 from ._conv_forms import plan_conv
 from ._geometry import conv_geometry
 from ._matrix import factorize_matrix, record_measurement, shared_constants
+from ._weights import prior_choice, record_choice
 from .base import (LayerRecord, PassContext, PassResult, apply_to_nodes, constant_weight, layer_name, new_name,
                    output_positions, weight_type_problem)
 
@@ -71,9 +72,9 @@ def _rewrite_1x1(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
         return
     rank = record.rank[0]
     ones = (1,) * (w.ndim - 2)
-    consts = shared_constants(context, weight, ("conv1x1", rank), {
+    consts = shared_constants(graph, context, weight, ("conv1x1", rank), {
         "b": factors.second.reshape(rank, in_ch, *ones),
-        "a": factors.first.reshape(out_ch, rank, *ones)})
+        "a": factors.first.reshape(out_ch, rank, *ones)}, record)
     first_attrs = {k: v for k, v in node.attrs.items() if k not in ("group", "dilations")}
     _replace_with_chain(graph, node, context, [
         ("b", consts["b"], first_attrs),
@@ -88,7 +89,18 @@ def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
     stride = math.prod(node.attrs.get("strides", [1] * len(kernel_dims)))
     record.params_before = w.size
     record.macs_before = R.tucker2_macs(out_ch, in_ch, math.prod(kernel_dims), stride)
+    prior = prior_choice(context, weight)
+    if record.name in context.dense or prior is not None:
+        # a conv weight read by several convs is rare: it stays dense after the first reader's
+        # choice, and optimize's byte check keeps the first reader dense too when that grows it
+        record.reason = context.dense.get(record.name) or f"reads the weight of {prior.layer}: factorized once"
+        if prior is not None and prior.ranks is None:
+            record.reason = f"reads the weight of {prior.layer}, which stays dense"
+        return
     plan, refusals, tucker2 = plan_conv(context, node, w, conv_geometry(context, node, w.shape))
+    if context.survey is None:
+        record_choice(context, weight, record.name, None if plan is None else tuple(plan.ranks),
+                      None if plan is None else plan.method)
     record.break_even_rank, record.max_rank = tucker2.break_even_rank, tucker2.max_rank
     if plan is None:
         measured = next((r.measured for r in refusals if r.measured is not None), None)
@@ -108,8 +120,8 @@ def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
         record.reason = "chosen over " + "; ".join(plan.alternatives)
     dtype = w.dtype
     stages = plan.stages()
-    consts = shared_constants(context, weight, (plan.method, plan.branches, *plan.ranks),
-                              {stage.suffix: stage.weight.astype(dtype) for stage in stages})
+    consts = shared_constants(graph, context, weight, (plan.method, plan.branches, *plan.ranks),
+                              {stage.suffix: stage.weight.astype(dtype) for stage in stages}, record)
     _replace_with_chain(graph, node, context, [(s.suffix, consts[s.suffix], s.attrs) for s in stages])
 
 

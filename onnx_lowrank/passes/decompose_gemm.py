@@ -57,8 +57,8 @@ def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecor
     # before opset 11 Gemm requires C: the first factor is then a MatMul, or a Gemm with a zero C
     c_optional = (graph.opset or DEFAULT_OPSET) >= 11
     u_trans = trans_b and c_optional
-    consts = shared_constants(context, weight, ("gemm", u_trans, trans_b, rank),
-                              {"u": u.T if u_trans else u, "v": v.T if trans_b else v})
+    consts = shared_constants(graph, context, weight, ("gemm", u_trans, trans_b, rank),
+                              {"u": u.T if u_trans else u, "v": v.T if trans_b else v}, record)
     a, y = node.inputs[0], node.outputs[0]
     hidden = gs.Variable(new_name(context, f"{name}_lowrank_hidden"), dtype=y.dtype)
     first_name = new_name(context, f"{name}_lowrank_u")

@@ -49,7 +49,8 @@ def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecor
     if factors is None:
         return record
     rank = record.rank[0]
-    consts = shared_constants(context, weight, ("matmul", rank), {"a": factors.first, "b": factors.second})
+    consts = shared_constants(graph, context, weight, ("matmul", rank), {"a": factors.first, "b": factors.second},
+                              record)
     x, y = node.inputs[int(weight_first)], node.outputs[0]
     hidden = gs.Variable(new_name(context, f"{name}_lowrank_hidden"), dtype=y.dtype)
     if weight_first:   # y = A (B x)

@@ -9,12 +9,11 @@ slot: shape constants and everything else are left exactly as the exporter wrote
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ._weights import Fold
 from .base import PassContext, PassResult, walk_graphs
 
 NAME = "fold_constant_weights"
@@ -38,8 +37,10 @@ def fold_constant_weights(graph: gs.Graph, context: PassContext) -> PassResult:
                 if not _feeds_weight_slots_only(node.outputs[0]):
                     continue
                 tensor = node.outputs[0]
-                context.folds[id(tensor)] = _Fold(g, node.op, node.name, dict(node.attrs), node.domain,
-                                                  list(node.inputs), value, tensor.dtype, tensor.shape)
+                context.folds[tensor.name] = Fold(
+                    node.op, node.name, dict(node.attrs), node.domain,
+                    tuple((t.name, None if t.name in context.folds else t._values) for t in node.inputs),
+                    value, tensor.dtype, tensor.shape)
                 tensor.to_constant(value)
                 node.outputs.clear()
                 node.inputs.clear()
@@ -52,41 +53,46 @@ def fold_constant_weights(graph: gs.Graph, context: PassContext) -> PassResult:
 def restore_folded_weights(graph: gs.Graph, context: PassContext) -> PassResult:
     """Put back the chains whose folded weight no pass rewrote: a layer left dense keeps its weight
     exactly as the exporter stored it (a float16 weight stays float16 behind its Cast), so only the
-    layers that were decomposed change."""
-    restored = False
+    layers that were decomposed change. The folds are read, never consumed, and found by tensor
+    name: every rewrite of a copy of the normalized graph restores them the same way."""
     for g in walk_graphs(graph):
-        for tensor in list(g.tensors().values()):
-            fold = context.folds.get(id(tensor))
-            # still read by a node, and still the folded value (a pass that changed it keeps it)
-            if fold is not None and tensor.outputs and getattr(tensor, "_values", None) is fold.value:
-                _restore(tensor, context)
-                restored = True
-        if restored:
+        tensors = g.tensors()
+        folded = [t for t in tensors.values() if _still_folded(t, context)]
+        for tensor in folded:
+            if isinstance(tensor, gs.Constant):   # not restored already as another chain's source
+                _restore(g, tensor, tensors, context)
+        if folded:
             g.toposort()
     return PassResult(False, [])
 
 
-@dataclass
-class _Fold:
-    graph: gs.Graph
-    op: str
-    name: str
-    attrs: dict
-    domain: str | None
-    inputs: list
-    value: object
-    dtype: object
-    shape: object
+def _still_folded(tensor: gs.Tensor, context: PassContext) -> bool:
+    """Read by a node, and still the folded value (a pass that changed it keeps it)."""
+    fold = context.folds.get(tensor.name)
+    return (fold is not None and isinstance(tensor, gs.Constant) and bool(tensor.outputs)
+            and tensor._values is fold.value)
 
 
-def _restore(tensor: gs.Tensor, context: PassContext) -> None:
-    fold = context.folds.pop(id(tensor))
-    for source in fold.inputs:
-        if id(source) in context.folds:
-            _restore(source, context)
+def _restore(g: gs.Graph, tensor: gs.Constant, tensors: dict[str, gs.Tensor], context: PassContext) -> None:
+    fold = context.folds[tensor.name]
+    inputs = [_source(g, name, values, tensors, context) for name, values in fold.inputs]
     tensor.to_variable(dtype=fold.dtype, shape=fold.shape)
-    fold.graph.nodes.append(gs.Node(fold.op, fold.name, fold.attrs, inputs=fold.inputs, outputs=[tensor],
-                                    domain=fold.domain))
+    g.nodes.append(gs.Node(fold.op, fold.node_name, fold.attrs, inputs=inputs, outputs=[tensor], domain=fold.domain))
+
+
+def _source(g: gs.Graph, name: str, values, tensors: dict[str, gs.Tensor], context: PassContext) -> gs.Tensor:
+    """A restored node's input: the tensor of that name if the graph still has it, else the model's
+    constant made again, or an earlier link of the chain restored first."""
+    tensor = tensors.get(name)
+    if name in context.folds:
+        if tensor is None:
+            tensor = tensors[name] = gs.Constant(name, context.folds[name].value)
+        if isinstance(tensor, gs.Constant):
+            _restore(g, tensor, tensors, context)
+        return tensor
+    if tensor is None:
+        tensor = tensors[name] = gs.Constant(name, values)
+    return tensor
 
 
 def _feeds_weight_slots_only(tensor: gs.Tensor) -> bool:
