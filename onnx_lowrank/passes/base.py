@@ -64,7 +64,7 @@ def apply_to_nodes(graph: gs.Graph, context: PassContext,
     subgraphs, in order, returning a record for each node it considered (None: not a candidate)."""
     records = [record for g in walk_graphs(graph) for node in list(g.nodes)
                if (record := rule(g, node, context)) is not None]
-    return PassResult(any(r.status != "skipped" for r in records), records)
+    return PassResult(records)
 
 
 def constant_weight(node: gs.Node, index: int, ndim: int | None = None) -> gs.Constant | None:

@@ -31,7 +31,7 @@ def fold_batchnorm(graph: gs.Graph, context: PassContext) -> PassResult:
                 records.append(record)
         if records:
             g.toposort()
-    return PassResult(bool(records), records)
+    return PassResult(records)
 
 
 def _fold(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:

@@ -46,24 +46,7 @@ def fold_constant_weights(graph: gs.Graph, context: PassContext) -> PassResult:
                 progress = changed = True
     if changed:
         graph.cleanup()
-    return PassResult(changed, [])
-
-
-def restore_folded_weights(graph: gs.Graph, context: PassContext) -> PassResult:
-    """Put back the chains whose folded weight no pass rewrote: a layer left dense keeps its weight
-    exactly as the exporter stored it (a float16 weight stays float16 behind its Cast), so only the
-    layers that were decomposed change."""
-    restored = False
-    for g in walk_graphs(graph):
-        for tensor in list(g.tensors().values()):
-            fold = context.folds.get(id(tensor))
-            # still read by a node, and still the folded value (a pass that changed it keeps it)
-            if fold is not None and tensor.outputs and getattr(tensor, "_values", None) is fold.value:
-                _restore(tensor, context)
-                restored = True
-        if restored:
-            g.toposort()
-    return PassResult(False, [])
+    return PassResult()
 
 
 @dataclass
@@ -77,16 +60,6 @@ class _Fold:
     value: object
     dtype: object
     shape: object
-
-
-def _restore(tensor: gs.Tensor, context: PassContext) -> None:
-    fold = context.folds.pop(id(tensor))
-    for source in fold.inputs:
-        if id(source) in context.folds:
-            _restore(source, context)
-    tensor.to_variable(dtype=fold.dtype, shape=fold.shape)
-    fold.graph.nodes.append(gs.Node(fold.op, fold.name, fold.attrs, inputs=fold.inputs, outputs=[tensor],
-                                    domain=fold.domain))
 
 
 def _feeds_weight_slots_only(tensor: gs.Tensor) -> bool:

@@ -37,7 +37,7 @@ def fuse_parallel(graph: gs.Graph, context: PassContext) -> PassResult:
                 progress = progress or record.status == "fused"
         if any(r.status == "fused" for r in records):
             g.toposort()
-    return PassResult(any(r.status == "fused" for r in records), records)
+    return PassResult(records)
 
 
 def _fuse(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:
