@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..forms import LatencyFn
 from ..options import Options
 from ..report import LayerRecord, PassResult
 
@@ -48,9 +49,10 @@ class PassContext:
     decompositions: dict[str, object] | None = None
     # id(tensor) -> how fold_constant_weights made it a constant, so a layer left dense gets it back
     folds: dict[int, object] = field(default_factory=dict)
-    # latency(geometry, form) -> ms of one layer in ONNX Runtime (onnx_lowrank.latency), filled by the
-    # pipeline when --measure is on; None: ranks and dense-vs-factorized come from the FLOP model
-    latency: Callable[..., float] | None = None
+    # latency(geometry, form) -> ms of one layer, what the rank search measures with: handed in by the
+    # pipeline when --measure is on (onnx_lowrank.latency times it in ONNX Runtime; the passes never
+    # import that); None: ranks and dense-vs-factorized come from the FLOP model
+    latency: LatencyFn | None = None
 
 
 def walk_graphs(graph: gs.Graph) -> list[gs.Graph]:
