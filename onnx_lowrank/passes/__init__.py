@@ -2,7 +2,8 @@
 
 One module per pass, named for it: `passes.fold_batchnorm` is the module, its pass the function
 `fold_batchnorm.fold_batchnorm`. The registry is keyed by name, so choosing or skipping passes
-(`--skip NAME`) is a lookup, not a code change. Stages run in the order of the data flow: normalize -> decompose -> merge -> (clean up, check).
+(`--skip NAME`) is a lookup, not a code change. Stages run in the order of the data flow:
+normalize -> decompose -> merge -> (clean up, check).
 """
 
 from __future__ import annotations

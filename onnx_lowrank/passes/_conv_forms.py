@@ -207,7 +207,8 @@ def _plan_tucker2(layer: _Layer) -> ConvPlan | Refusal:
     ones = [1] * (layer.w.ndim - 2)
     return ConvPlan("tucker2", (r_out, r_in), 1, relative_error(layer.w, approx),
                     u_out.size + core.size + u_in.size, R.tucker2_macs(o, i, k, stride, r_out, r_in),
-                    lambda: [np.ascontiguousarray(u_in.T).reshape(r_in, i, *ones), core, u_out.reshape(o, r_out, *ones)],
+                    lambda: [np.ascontiguousarray(u_in.T).reshape(r_in, i, *ones), core,
+                             u_out.reshape(o, r_out, *ones)],
                     measured, activation_error=activation_error)
 
 

@@ -16,7 +16,8 @@ import math
 
 import onnx_graphsurgeon as gs
 
-from ._linear import CHANNELWISE, Affine, Unit, add, compose, detach, linear_unit, private, representable, write_affine
+from ..numerics.affine import Affine, add, compose, representable
+from ._linear import CHANNELWISE, Unit, detach, linear_unit, private, write_affine
 from .base import LayerRecord, PassContext, PassResult, layer_name, walk_graphs
 
 NAME = "fuse_parallel"

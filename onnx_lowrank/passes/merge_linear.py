@@ -22,8 +22,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._linear import (CONV, LINEAR, MATRIX, Unit, compose, composed_macs, detach, linear_unit, private, representable,
-                      write_affine)
+from ..numerics.affine import CONV, MATRIX, compose, composed_macs, representable
+from ._linear import LINEAR, Unit, detach, linear_unit, private, write_affine
 from .base import LayerRecord, PassContext, PassResult, layer_name, new_name, walk_graphs
 
 NAME = "merge_linear"
