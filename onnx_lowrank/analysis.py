@@ -23,7 +23,8 @@ import onnx_graphsurgeon as gs
 from .shapes import infer_output_shapes
 from .graph import import_graph
 from .io import load_model
-from .latency import DENSE, Form, latency_for
+from .forms import DENSE, Form
+from .latency import latency_for
 from .numerics import ranks as R
 from .numerics.svd import relative_error_by_rank, svd
 from .numerics.tucker import channel_bases

@@ -29,48 +29,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import options, runtime
+from .forms import DENSE, METHODS, Form, LayerGeometry, conv_chain
 
 DEFAULT_CACHE_DIR = Path(options.DEFAULT_CACHE_DIR)
 CACHE_FILE = "latency.json"
 _OPSET, _IR_VERSION = 17, 8      # ORT 1.31 refuses the IR 14 that onnx 1.23's make_model writes
 
-METHODS = ("dense", "svd", "tucker2", "branched-tucker", "spatial-svd")
-
-
-@dataclass(frozen=True)
-class LayerGeometry:
-    """What a layer's speed depends on. op "matmul" (MatMul and Gemm: y = x W, or y = W x when
-    weight_first) or "conv"; weight_shape is [K, N] as applied to x for matmul (W [M, K] when
-    weight_first), [O, I, *kernel] for conv."""
-
-    op: str
-    input_shape: tuple[int, ...]
-    weight_shape: tuple[int, ...]
-    weight_first: bool = False
-    strides: tuple[int, ...] = ()
-    pads: tuple[int, ...] = ()
-    dilations: tuple[int, ...] = ()
-    auto_pad: str = "NOTSET"
-
-    @property
-    def batch(self) -> int:
-        return self.input_shape[0] if self.input_shape else 1
-
-
-@dataclass(frozen=True)
-class Form:
-    """How the layer is computed: dense, or a factorized chain at ranks (svd/spatial-svd: (r,),
-    tucker2/branched-tucker: (r_out, r_in)) with `branches` groups in the branched core."""
-
-    method: str = "dense"
-    ranks: tuple[int, ...] = ()
-    branches: int = 1
-
-
-DENSE = Form()
-
-#: latency(geometry, form) -> milliseconds per run. PassContext.latency holds one (None: FLOP model).
-LatencyFn = Callable[[LayerGeometry, Form], float]
 #: timer(model, feeds) -> milliseconds per run; replaced by a fake in tests.
 Timer = Callable[[onnx.ModelProto, dict[str, np.ndarray]], float]
 
@@ -204,43 +168,22 @@ def _matmul(w: str, weight_first: bool, x: str, y: str):
 
 
 def _conv_nodes(g: LayerGeometry, form: Form, rng) -> tuple[list, dict]:
-    out_ch, in_ch, *kernel = g.weight_shape
-    nd = len(kernel)
+    """The chain the decompose pass writes (forms.conv_chain), for a conv of this geometry."""
+    nd = len(g.weight_shape) - 2
     ones = [1] * nd
-    attrs = {"strides": list(g.strides) or ones, "dilations": list(g.dilations) or ones}
+    attrs = {"kernel_shape": list(g.weight_shape[2:]), "strides": list(g.strides) or ones,
+             "dilations": list(g.dilations) or ones}
     if g.auto_pad != "NOTSET":
         attrs["auto_pad"] = g.auto_pad
     else:
         attrs["pads"] = list(g.pads) or [0] * 2 * nd
-    chain: list[tuple[list[int], dict]]   # (weight shape, conv attributes) per stage
-    if form.method == "dense":
-        chain = [([out_ch, in_ch, *kernel], attrs)]
-    elif form.method == "svd":             # 1x1 conv: the strides and pads go with the first factor
-        (r,) = form.ranks
-        chain = [([r, in_ch, *ones], attrs), ([out_ch, r, *ones], {})]
-    elif form.method in ("tucker2", "branched-tucker"):
-        r_out, r_in = form.ranks
-        groups = form.branches if form.method == "branched-tucker" else 1
-        core = {**attrs, "group": groups} if groups > 1 else attrs
-        chain = [([r_in, in_ch, *ones], {}), ([r_out, r_in // groups, *kernel], core), ([out_ch, r_out, *ones], {})]
-    else:                                  # spatial-svd: kh x 1 then 1 x kw
-        (r,) = form.ranks
-        kh, kw = kernel
-        sh, sw = attrs["strides"]
-        dh, dw = attrs["dilations"]
-        first = {"strides": [sh, 1], "dilations": [dh, 1]}
-        second = {"strides": [1, sw], "dilations": [1, dw]}
-        if g.auto_pad != "NOTSET":
-            first["auto_pad"] = second["auto_pad"] = g.auto_pad
-        else:
-            top, left, bottom, right = attrs["pads"]
-            first["pads"], second["pads"] = [top, 0, bottom, 0], [0, left, 0, right]
-        chain = [([r, in_ch, kh, 1], first), ([out_ch, r, 1, kw], second)]
+    chain = conv_chain(g.weight_shape, attrs, form)
     nodes, weights, x = [], {}, "x"
-    for i, (shape, stage_attrs) in enumerate(chain):
+    for i, conv in enumerate(chain):
         y = "y" if i == len(chain) - 1 else f"h{i}"
+        shape = conv.weight_shape
         weights[f"w{i}"] = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [y], kernel_shape=shape[2:], **stage_attrs))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [y], **conv.attrs))
         x = y
     return nodes, weights
 

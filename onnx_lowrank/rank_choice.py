@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .latency import DENSE, Form, LatencyFn, LayerGeometry
+from .forms import DENSE, Form, LatencyFn, LayerGeometry
 from .numerics import ranks as R
 from .options import Options
 

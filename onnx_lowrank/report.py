@@ -53,7 +53,8 @@ class LayerRecord:
 
 @dataclass
 class PassResult:
-    changed: bool
+    """A pass's records, one per layer it considered; Report.passes counts those it changed."""
+
     records: list[LayerRecord] = field(default_factory=list)
 
 

@@ -8,7 +8,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnx_lowrank.latency import CACHE_FILE, DENSE, Form, LayerGeometry, LayerLatency, cache_key, latency_for, layer_model
+from onnx_lowrank.forms import DENSE, Form, LayerGeometry
+from onnx_lowrank.latency import CACHE_FILE, LayerLatency, cache_key, latency_for, layer_model
 from onnx_lowrank.options import Options
 
 CONV = LayerGeometry("conv", (2, 16, 9, 9), (8, 16, 3, 3), strides=(2, 2), pads=(1, 0, 1, 1))

@@ -8,7 +8,8 @@ from helpers import model_from_text, op_counts, output_errors, pass_records, sca
 
 from models.synthetic import conv1x1_chain_model, gemm_chain_model, low_rank_conv_weight, matmul_chain_model
 from onnx_lowrank import optimize
-from onnx_lowrank.passes.merge_linear import FACTORS_NAME, NAME
+from onnx_lowrank.passes.merge_factors import NAME as FACTORS_NAME
+from onnx_lowrank.passes.merge_linear import NAME
 
 #: A merged product sums in another order than the chain: ~1e-7 relative in float32 at these
 #: sizes. A dropped bias or a transposed weight is an O(1) error.

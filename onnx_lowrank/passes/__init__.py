@@ -1,7 +1,9 @@
 """Graph passes and the pipeline that orders them. Each pass is `pass(graph, context) -> PassResult`.
 
-The registry is keyed by name, so choosing or skipping passes (`--skip NAME`) is a lookup, not a code
-change. Stages run in the order of the data flow: normalize -> decompose -> merge -> (clean up, check).
+One module per pass, named for it: `passes.fold_batchnorm` is the module, its pass the function
+`fold_batchnorm.fold_batchnorm`. The registry is keyed by name, so choosing or skipping passes
+(`--skip NAME`) is a lookup, not a code change. Stages run in the order of the data flow:
+normalize -> decompose -> merge -> (clean up, check).
 """
 
 from __future__ import annotations
@@ -12,15 +14,9 @@ from typing import Callable
 import onnx_graphsurgeon as gs
 
 from ..options import Options
+from . import (decompose_conv, decompose_gemm, decompose_matmul, fold_batchnorm, fold_constant_weights,
+               fuse_horizontal, fuse_parallel, merge_factors, merge_linear, restore_folded_weights)
 from .base import PassContext, PassResult
-from .decompose_conv import decompose_conv
-from .decompose_gemm import decompose_gemm
-from .decompose_matmul import decompose_matmul
-from .fold_batchnorm import fold_batchnorm
-from .fold_constant_weights import fold_constant_weights, restore_folded_weights
-from .fuse_horizontal import fuse_horizontal
-from .fuse_parallel import fuse_parallel
-from .merge_linear import merge_factors, merge_linear
 
 Pass = Callable[[gs.Graph, PassContext], PassResult]
 STAGES = ("normalize", "decompose", "merge")
@@ -35,17 +31,17 @@ class PassEntry:
 
 
 PIPELINE: list[PassEntry] = [
-    PassEntry("fold_constant_weights", fold_constant_weights, "normalize"),
+    PassEntry(fold_constant_weights.NAME, fold_constant_weights.fold_constant_weights, "normalize"),
     # exact rewrites that hand the decompose passes the weights actually applied; --skip NAME turns one off
-    PassEntry("fold_batchnorm", fold_batchnorm, "normalize"),
-    PassEntry("fuse_parallel", fuse_parallel, "normalize"),
-    PassEntry("merge_linear", merge_linear, "normalize"),
-    PassEntry("decompose_matmul", decompose_matmul, "decompose", lambda o: "matmul" in o.ops),
-    PassEntry("decompose_gemm", decompose_gemm, "decompose", lambda o: "gemm" in o.ops),
-    PassEntry("decompose_conv", decompose_conv, "decompose", lambda o: "conv" in o.ops),
-    PassEntry("merge_factors", merge_factors, "merge"),
-    PassEntry("fuse_horizontal", fuse_horizontal, "merge", lambda o: o.fuse_horizontal),
-    PassEntry("restore_folded_weights", restore_folded_weights, "merge"),
+    PassEntry(fold_batchnorm.NAME, fold_batchnorm.fold_batchnorm, "normalize"),
+    PassEntry(fuse_parallel.NAME, fuse_parallel.fuse_parallel, "normalize"),
+    PassEntry(merge_linear.NAME, merge_linear.merge_linear, "normalize"),
+    PassEntry(decompose_matmul.NAME, decompose_matmul.decompose_matmul, "decompose", lambda o: "matmul" in o.ops),
+    PassEntry(decompose_gemm.NAME, decompose_gemm.decompose_gemm, "decompose", lambda o: "gemm" in o.ops),
+    PassEntry(decompose_conv.NAME, decompose_conv.decompose_conv, "decompose", lambda o: "conv" in o.ops),
+    PassEntry(merge_factors.NAME, merge_factors.merge_factors, "merge"),
+    PassEntry(fuse_horizontal.NAME, fuse_horizontal.fuse_horizontal, "merge", lambda o: o.fuse_horizontal),
+    PassEntry(restore_folded_weights.NAME, restore_folded_weights.restore_folded_weights, "merge"),
 ]
 
 

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..latency import DENSE, Form, LayerGeometry
+from ..forms import DENSE, Form, LayerGeometry
 from ..numerics import ranks as R
 from ..numerics.branched_tucker import BlockTerms, branched_tucker, branched_tucker_macs
 from ..numerics.spatial_svd import spatial_spectrum, spatial_svd, spatial_svd_macs
@@ -46,15 +46,6 @@ BRANCH_RANK_GROWTH, BRANCH_FITS = 1.25, 4
 
 
 @dataclass
-class Stage:
-    """One conv of the chain: its weight and the attributes it takes over or sets."""
-
-    suffix: str
-    weight: np.ndarray
-    attrs: dict
-
-
-@dataclass
 class ConvPlan:
     method: str
     ranks: tuple[int, ...]
@@ -62,7 +53,7 @@ class ConvPlan:
     weight_error: float
     params: int
     macs: int
-    stages: Callable[[], list[Stage]]            # built only for the plan that is kept
+    weights: Callable[[], list[np.ndarray]]      # of forms.conv_chain's convs; built only for the plan that is kept
     measured: MeasuredDecision | None = None
     alternatives: list[str] = field(default_factory=list)
     activation_error: float | None = None        # whitened Tucker-2: the error over the calibration inputs
@@ -216,9 +207,8 @@ def _plan_tucker2(layer: _Layer) -> ConvPlan | Refusal:
     ones = [1] * (layer.w.ndim - 2)
     return ConvPlan("tucker2", (r_out, r_in), 1, relative_error(layer.w, approx),
                     u_out.size + core.size + u_in.size, R.tucker2_macs(o, i, k, stride, r_out, r_in),
-                    lambda: [Stage("in", np.ascontiguousarray(u_in.T).reshape(r_in, i, *ones), {}),
-                             Stage("core", core, _core_attrs(layer.attrs)),
-                             Stage("out", u_out.reshape(o, r_out, *ones), {})],
+                    lambda: [np.ascontiguousarray(u_in.T).reshape(r_in, i, *ones), core,
+                             u_out.reshape(o, r_out, *ones)],
                     measured, activation_error=activation_error)
 
 
@@ -274,9 +264,8 @@ def _plan_branched(layer: _Layer) -> ConvPlan | Refusal:
     core = terms.grouped_core()
     return ConvPlan("branched-tucker", ranks, g, error(ranks), terms.u[0].size * g + core.size + terms.v[0].size * g,
                     macs(ranks),
-                    lambda: [Stage("in", np.ascontiguousarray(terms.first_factor().T).reshape(r_in, i, *ones), {}),
-                             Stage("core", core, {**_core_attrs(layer.attrs), "group": g}),
-                             Stage("out", terms.last_factor().reshape(o, r_out, *ones), {})],
+                    lambda: [np.ascontiguousarray(terms.first_factor().T).reshape(r_in, i, *ones), core,
+                             terms.last_factor().reshape(o, r_out, *ones)],
                     measured)
 
 
@@ -302,30 +291,9 @@ def _plan_spatial(layer: _Layer) -> ConvPlan | Refusal:
         return Refusal("spatial-svd", measured.decision, measured)
     (rank,) = measured.ranks if measured else (rank,)
     vertical, horizontal = spatial_svd(layer.w, rank)
-    first, second = _spatial_attrs(layer.attrs)
     return ConvPlan("spatial-svd", (rank,), 1, float(errors[rank]), vertical.size + horizontal.size,
                     spatial_svd_macs(o, i, kh, kw, strides[1], rank),
-                    lambda: [Stage("v", vertical, first), Stage("h", horizontal, second)], measured)
-
-
-def _spatial_attrs(attrs: dict) -> tuple[dict, dict]:
-    """The vertical conv takes the row stride, dilation and pads; the horizontal one the columns'.
-    Exact: the horizontal conv's padded columns are zero columns of the vertical conv's output,
-    which has no bias, just as the dense conv's are zero columns of the input."""
-    (sh, sw), (dh, dw) = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
-    first = {"kernel_shape": [], "strides": [sh, 1], "dilations": [dh, 1]}     # kernel_shape: set from
-    second = {"kernel_shape": [], "strides": [1, sw], "dilations": [1, dw]}    # the factor by the chain
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID"):
-        first["auto_pad"] = second["auto_pad"] = auto_pad   # SAME_* pads each axis from its own kernel
-    else:
-        top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
-        first["pads"], second["pads"] = [top, 0, bottom, 0], [0, left, 0, right]
-    return first, second
-
-
-def _core_attrs(attrs: dict) -> dict:
-    return {k: v for k, v in attrs.items() if k != "group"}
+                    lambda: [vertical, horizontal], measured)
 
 
 def _round_to(rank: int, multiple: int, granularity: int, cap: int) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..latency import LayerGeometry
+from ..forms import LayerGeometry
 from .base import PassContext
 
 

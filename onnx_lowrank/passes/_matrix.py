@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..latency import LayerGeometry
+from ..forms import LayerGeometry
 from ..numerics import ranks as R
 from ..numerics.svd import relative_error_by_rank, split_factors, svd
 from ..numerics.tucker import relative_error

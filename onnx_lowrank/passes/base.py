@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..forms import LatencyFn
 from ..options import Options
 from ..report import LayerRecord, PassResult
 
@@ -55,9 +56,10 @@ class PassContext:
     # layer -> why it is kept dense whatever the rule says (set by optimize's checks of the result,
     # e.g. factors that would add bytes)
     dense: dict[str, str] = field(default_factory=dict)
-    # latency(geometry, form) -> ms of one layer in ONNX Runtime (onnx_lowrank.latency), filled by the
-    # pipeline when --measure is on; None: ranks and dense-vs-factorized come from the FLOP model
-    latency: Callable[..., float] | None = None
+    # latency(geometry, form) -> ms of one layer, what the rank search measures with: handed in by the
+    # pipeline when --measure is on (onnx_lowrank.latency times it in ONNX Runtime; the passes never
+    # import that); None: ranks and dense-vs-factorized come from the FLOP model
+    latency: LatencyFn | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def apply_to_nodes(graph: gs.Graph, context: PassContext,
     subgraphs, in order, returning a record for each node it considered (None: not a candidate)."""
     records = [record for g in walk_graphs(graph) for node in list(g.nodes)
                if (record := rule(g, node, context)) is not None]
-    return PassResult(any(r.status != "skipped" for r in records), records)
+    return PassResult(records)
 
 
 def constant_weight(node: gs.Node, index: int, ndim: int | None = None) -> gs.Constant | None:

@@ -19,6 +19,7 @@ import math
 
 import onnx_graphsurgeon as gs
 
+from ..forms import Form, conv_chain
 from ..numerics import ranks as R
 from ._conv_forms import plan_conv
 from ._geometry import conv_geometry
@@ -71,15 +72,11 @@ def _rewrite_1x1(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
     if factors is None:
         return
     rank = record.rank[0]
-    ones = (1,) * (w.ndim - 2)
+    chain = conv_chain(w.shape, node.attrs, Form("svd", (rank,)))
     consts = shared_constants(graph, context, weight, ("conv1x1", rank), {
-        "b": factors.second.reshape(rank, in_ch, *ones),
-        "a": factors.first.reshape(out_ch, rank, *ones)}, record)
-    first_attrs = {k: v for k, v in node.attrs.items() if k not in ("group", "dilations")}
-    _replace_with_chain(graph, node, context, [
-        ("b", consts["b"], first_attrs),
-        ("a", consts["a"], {}),
-    ])
+        conv.suffix: factor.reshape(conv.weight_shape) for conv, factor in zip(chain, (factors.second, factors.first))},
+        record)
+    _replace_with_chain(graph, node, context, [(conv.suffix, consts[conv.suffix], conv.attrs) for conv in chain])
 
 
 def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: LayerRecord,
@@ -119,10 +116,11 @@ def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
     if plan.alternatives:
         record.reason = "chosen over " + "; ".join(plan.alternatives)
     dtype = w.dtype
-    stages = plan.stages()
+    chain = conv_chain(w.shape, node.attrs, Form(plan.method, plan.ranks, plan.branches))
     consts = shared_constants(graph, context, weight, (plan.method, plan.branches, *plan.ranks),
-                              {stage.suffix: stage.weight.astype(dtype) for stage in stages}, record)
-    _replace_with_chain(graph, node, context, [(s.suffix, consts[s.suffix], s.attrs) for s in stages])
+                              {conv.suffix: factor.astype(dtype) for conv, factor in zip(chain, plan.weights())},
+                              record)
+    _replace_with_chain(graph, node, context, [(conv.suffix, consts[conv.suffix], conv.attrs) for conv in chain])
 
 
 def _replace_with_chain(graph: gs.Graph, node: gs.Node, context: PassContext,
@@ -132,8 +130,6 @@ def _replace_with_chain(graph: gs.Graph, node: gs.Node, context: PassContext,
     x, y, bias = node.inputs[0], node.outputs[0], node.inputs[2:]
     for i, (suffix, w, attrs) in enumerate(stages):
         last = i == len(stages) - 1
-        if "kernel_shape" in attrs:
-            attrs = {**attrs, "kernel_shape": list(w.shape[2:])}
         out = y if last else gs.Variable(new_name(context, f"{name}_lowrank_{suffix}_out"), dtype=y.dtype)
         graph.nodes.append(gs.Node("Conv", new_name(context, f"{name}_lowrank_{suffix}"), attrs=attrs,
                                    inputs=[x, w, *(bias if last else [])], outputs=[out]))

@@ -15,8 +15,9 @@ import math
 
 import onnx_graphsurgeon as gs
 
-from ._linear import (CHANNELWISE, CONV, LINEAR, channelwise, detach, emitted_nodes, linear_unit, private,
-                      representable, tensor_rank, write_affine)
+from ..numerics.affine import CONV, representable
+from ._linear import (CHANNELWISE, LINEAR, channelwise, detach, emitted_nodes, linear_unit, private, tensor_rank,
+                      write_affine)
 from .base import LayerRecord, PassContext, PassResult, layer_name, walk_graphs
 
 NAME = "fold_batchnorm"
@@ -31,7 +32,7 @@ def fold_batchnorm(graph: gs.Graph, context: PassContext) -> PassResult:
                 records.append(record)
         if records:
             g.toposort()
-    return PassResult(bool(records), records)
+    return PassResult(records)
 
 
 def _fold(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:

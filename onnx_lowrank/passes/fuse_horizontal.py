@@ -29,7 +29,7 @@ def fuse_horizontal(graph: gs.Graph, context: PassContext) -> PassResult:
                 records.append(_fuse(g, x, group, context, graph.opset))
         if records:
             g.toposort()
-    return PassResult(bool(records), records)
+    return PassResult(records)
 
 
 def _inputs_in_order(graph: gs.Graph) -> list[gs.Tensor]:

@@ -16,7 +16,8 @@ import math
 
 import onnx_graphsurgeon as gs
 
-from ._linear import CHANNELWISE, Affine, Unit, add, compose, detach, linear_unit, private, representable, write_affine
+from ..numerics.affine import Affine, add, compose, representable
+from ._linear import CHANNELWISE, Unit, detach, linear_unit, private, write_affine
 from .base import LayerRecord, PassContext, PassResult, layer_name, walk_graphs
 
 NAME = "fuse_parallel"
@@ -37,7 +38,7 @@ def fuse_parallel(graph: gs.Graph, context: PassContext) -> PassResult:
                 progress = progress or record.status == "fused"
         if any(r.status == "fused" for r in records):
             g.toposort()
-    return PassResult(any(r.status == "fused" for r in records), records)
+    return PassResult(records)
 
 
 def _fuse(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:

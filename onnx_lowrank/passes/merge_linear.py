@@ -11,8 +11,8 @@ merges (1.5x fewer) and 1024 -> 64 -> 1024 stays (a rank-64 factorization is 8x 
 product). Runs before the decompose passes, so a merged weight that is itself low-rank is then
 factorized at the rank that suits it: factors trained or decomposed at a rank that no longer pays
 are merged and decomposed afresh. A chain of three merges pairwise, each pair only where it pays.
-merge_factors runs the same merge again after decomposition, where new factors meet their
-neighbours (see there).
+merge_factors (passes/merge_factors.py) runs the same merge again after decomposition, where new
+factors meet their neighbours.
 """
 
 from __future__ import annotations
@@ -22,35 +22,23 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._linear import (CONV, LINEAR, MATRIX, Unit, compose, composed_macs, detach, linear_unit, private, representable,
-                      write_affine)
+from ..numerics.affine import CONV, MATRIX, compose, composed_macs, representable
+from ._linear import LINEAR, Unit, detach, linear_unit, private, write_affine
 from .base import LayerRecord, PassContext, PassResult, layer_name, new_name, walk_graphs
 
 NAME = "merge_linear"
-FACTORS_NAME = "merge_factors"
 #: elementwise activations with one input, which --merge-across-activations may move past a layer
 ACTIVATIONS = ("Relu", "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Softplus")
 
 
 def merge_linear(graph: gs.Graph, context: PassContext) -> PassResult:
-    return _merge_all(graph, context, NAME, report_refusals=True)
+    return merge_all(graph, context, NAME, report_refusals=True)
 
 
-def merge_factors(graph: gs.Graph, context: PassContext) -> PassResult:
-    """The same merge after decomposition, where a factor meets a neighbouring layer with nothing
-    between: Tucker's outer 1x1s and the 1x1 convs of a bottleneck (the paper's merge, where it is
-    exact), or B_1 [r1, N] then A_2 [N, r2] of two decomposed layers in a row. A layer's own factors
-    stay as the decomposition chose them, and refusals are not reported again.
-
-    With --merge-across-activations, a factor also merges into its dense neighbour across one
-    activation (the paper's bottleneck merge in a real ResNet, see _merge_across): not exact."""
-    origin = {id(c): key[0] for key, constants in context.factors.items() for c in constants}
-    return _merge_all(graph, context, FACTORS_NAME, report_refusals=False, origin=origin,
-                      across=context.options.merge_across_activations)
-
-
-def _merge_all(graph: gs.Graph, context: PassContext, name: str, report_refusals: bool,
-               origin: dict[int, str] | None = None, across: bool = False) -> PassResult:
+def merge_all(graph: gs.Graph, context: PassContext, name: str, report_refusals: bool,
+              origin: dict[int, str] | None = None, across: bool = False) -> PassResult:
+    """Merge every pair that pays, in the graph and its subgraphs; the records carry pass `name`
+    (merge_linear, or merge_factors after decomposition)."""
     merged: list[LayerRecord] = []
     refused: dict[str, LayerRecord] = {}
     for g in walk_graphs(graph):
@@ -72,7 +60,7 @@ def _merge_all(graph: gs.Graph, context: PassContext, name: str, report_refusals
                     refused[record.name] = record
         if merged:
             g.toposort()
-    return PassResult(bool(merged), merged + list(refused.values()))
+    return PassResult(merged + list(refused.values()))
 
 
 def _merge(graph: gs.Graph, node: gs.Node, context: PassContext, origin: dict[int, str]) -> LayerRecord | None:
@@ -201,7 +189,7 @@ def _merge_across(graph: gs.Graph, node: gs.Node, context: PassContext, origin: 
                      second.trans_b if second.gemm else first.trans_b)
     side = f"{'output' if after else 'input'} ({min(first.in_channels, second.out_channels)} channels)"
     return LayerRecord(
-        name=f"{layer_name(first.head)} + {layer_name(second.head)}", op=second.head.op, pass_name=FACTORS_NAME,
+        name=f"{layer_name(first.head)} + {layer_name(second.head)}", op=second.head.op, pass_name=NAME,
         weight_shape=list(affine.weight.shape), status="merged", params_before=first.macs() + second.macs(),
         params_after=math.prod(affine.weight.shape), macs_before=chain, macs_after=merged,
         reason=f"{spelled} as one {second.head.op} with the {act.op} moved to its {side}: NOT exact "
