@@ -343,7 +343,7 @@ def _drop_padding(rows: np.ndarray, value: np.ndarray, axis: int, mask: np.ndarr
 
 
 def layer_time_fraction(model: onnx.ModelProto, layers: set[str], data: CalibrationData, *, provider: str = "cpu",
-                        runs: int = 4, batch_size: int = BATCH_SIZE) -> float:
+                        runs: int = 4, batch_size: int = BATCH_SIZE) -> float | None:
     """The share of the model's kernel time spent in `layers`, from ORT's profiler on the first
     calibration batch, with graph optimizations on as the model is served (fused nodes are mapped
     back to their layers); the first run warms up and is not counted."""
@@ -357,7 +357,8 @@ def layer_time_fraction(model: onnx.ModelProto, layers: set[str], data: Calibrat
         events = json.loads(runtime.end_profiling(session).read_text())
     times = {layer: p.us for layer, p in profiling.layer_profile(events, model.graph, skip_runs=1).items()}
     total = sum(times.values())
-    return sum(t for layer, t in times.items() if layer in layers) / total if total else 1.0
+    found = sum(t for layer, t in times.items() if layer in layers)
+    return found / total if total and found else None   # a profile that names none of them says nothing
 
 
 def probe_deviations(model: onnx.ModelProto, selector: str, count: int, data: CalibrationData, *, start: int = 0,

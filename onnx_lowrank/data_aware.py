@@ -27,7 +27,9 @@ import onnx_graphsurgeon as gs
 from .calibration import (CalibrationData, capture_specs, collect_cross_grams, collect_grams, layer_time_fraction,
                           load_calibration, probe_deviations)
 from .bench import TimingPlan, bench
+from .errors import InferenceError
 from .gate import gate_for, gate_tolerances
+from .inputs import input_hints
 from .graph import export_graph
 from .parity import check_parity
 from .passes import PassContext, PassEntry
@@ -37,6 +39,7 @@ from .rank_allocation import (Allocation, ConvSpectrum, Spectrum, allocate_ranks
                               predicted_error, rank_grid)
 from .report import LayerRecord, Report
 from .runtime import SessionConfig
+from .time_share import choose_share, without_layers
 
 #: Share of the calibration samples held back to check the quality gate: errors measured on the
 #: samples the Grams were fitted on would flatter the truncation. Small sets give a quarter, so
@@ -104,7 +107,7 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
         calibration = collect_grams(model, specs, plan.data, stop=plan.fit_stop, provider=options.provider,
                                     on_batch=on_batch)
         context.grams = shared_grams(calibration.grams, specs, context)
-        held_note = f", {plan.data.samples - plan.fit_stop} held back for --max-error" if plan.fit_stop < plan.data.samples else ""
+        held_note = f", {plan.data.samples - plan.fit_stop} held back for the quality gate" if plan.fit_stop < plan.data.samples else ""
         report.notes.append(f"calibration: Gram matrices of {len(calibration.grams)} layers from {calibration.samples} "
                             f"samples{held_note}; matrix layers use whitened SVD, k x k convs whitened Tucker-2")
     if options.target is not None:
@@ -227,20 +230,38 @@ def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContex
 
 
 def _time_ratio(speedup: float, model: onnx.ModelProto, plan: DataPlan, options, report: Report) -> float:
+    """The MAC ratio of the candidate layers that --target-speedup S asks for: Amdahl over their
+    share of the run time, read two ways (time_share.py) and checked one against the other."""
     layers = {s.name for s in plan.spectra}
-    if plan.data is not None:
-        fraction = layer_time_fraction(model, layers, plan.data, provider=options.provider)
-        source = "ORT profile of the calibration samples"
-    else:
-        fraction, source = 1.0, "no calibration samples to profile: assumed"
-    plan.time_fraction = fraction
+    profiled = (layer_time_fraction(model, layers, plan.data, provider=options.provider)
+                if plan.data is not None else None)
+    share = choose_share(_measured_share(model, plan, layers, options), profiled)
+    if share is None:
+        raise InferenceError(f"--target-speedup {speedup:g}: cannot tell where the model's time goes (ORT's profile "
+                             "names none of the candidate layers and the model could not be timed without them); "
+                             "give a MAC budget instead: --target-flops F")
+    plan.time_fraction = fraction = share.share
     ratio = flop_ratio_for_speedup(speedup, fraction)
-    report.notes.append(f"--target-speedup {speedup:g}: the candidate layers take {fraction:.0%} of the run time "
-                        f"({source}); Amdahl gives them {ratio:.2f} of their time, taken as their MACs")
+    report.notes.append(f"--target-speedup {speedup:g}: the candidate layers take {share.describe()} of the run "
+                        f"time; the allocation used the {share.source} share; Amdahl gives them {ratio:.2f} of "
+                        "their time, taken as their MACs")
     if ratio <= 0:
         report.notes.append(f"--target-speedup {speedup:g} is out of reach by decomposition alone (the rest of the "
                             f"model takes {1 - fraction:.0%}); compressing as far as the layers allow")
     return max(ratio, 0.0)
+
+
+def _measured_share(model: onnx.ModelProto, plan: DataPlan, layers: set[str], options) -> float | None:
+    """1 - t(model without the layers) / t(model), timed interleaved; None where no stand-in could
+    be built or the model not timed."""
+    standin, replaced = without_layers(plan.normalized, model, layers, plan.names)
+    if not replaced:
+        return None
+    try:
+        speed = whole_model_speedup(model, standin, plan, options, hints=input_hints(model))
+    except InferenceError:
+        return None
+    return float(min(1.0, max(0.0, 1.0 - 1.0 / speed))) if speed else None
 
 
 def _note_allocation(plan: DataPlan, kind: str, ratio: float, report: Report) -> None:

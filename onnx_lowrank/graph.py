@@ -35,33 +35,36 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     unique one inside the tool (per-layer choices are keyed by layer name); export_graph gives it
     its own name back."""
     graph = gs.import_onnx(model)
-    renamed = {outputs: name for outputs, (_, name) in duplicate_node_names(model).items()}
+    renamed = {key: name for key, (_, name) in duplicate_node_names(model).items()}
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for tensor in g.tensors().values():
             values = getattr(tensor, "_values", None)
             if type(values) is gs.ir.tensor.LazyValues and external_base(values.tensor) is not None:
                 values.__class__ = ExternalValues
-        for node in g.nodes if renamed else ():
-            node.name = renamed.get(tuple(t.name for t in node.outputs), node.name)
+        for i, node in enumerate(g.nodes if renamed else ()):
+            node.name = renamed.get((g.name, i, tuple(t.name for t in node.outputs)), node.name)
     return graph
 
 
-def duplicate_node_names(model: onnx.ModelProto) -> dict[tuple[str, ...], tuple[str, str]]:
-    """{a node's outputs: (its name, the unique name it goes by in the tool)} for every node whose
-    name an earlier node already has. ONNX Runtime runs such models; the passes key layers by
-    name, so those nodes are renamed `NAME_2`, `NAME_3`, ... (a name nothing else uses)."""
-    nodes = [node for g in _all_graphs(model) for node in g.node]
-    taken = {n.name for n in nodes} | {t for n in nodes for t in n.output}
+def duplicate_node_names(model: onnx.ModelProto) -> dict[tuple, tuple[str, str]]:
+    """{(graph name, node index, node outputs): (its name, the unique name it goes by in the
+    tool)} for every node whose name an earlier node already has. ONNX Runtime refuses two nodes
+    of one name in one graph, not across graphs (the branches of an If, as exporters name them);
+    the passes key layers by name, so those nodes are renamed `NAME_2`, `NAME_3`, ... (a name
+    nothing else uses)."""
+    graphs = _all_graphs(model)
+    taken = {t for g in graphs for n in g.node for t in [n.name, *n.output]}
     seen: Counter[str] = Counter()
     renamed = {}
-    for node in nodes:
-        seen[node.name] += 1
-        if node.name and seen[node.name] > 1:
-            i = seen[node.name]
-            while f"{node.name}_{i}" in taken:
-                i += 1
-            taken.add(f"{node.name}_{i}")
-            renamed[tuple(node.output)] = (node.name, f"{node.name}_{i}")
+    for g in graphs:
+        for index, node in enumerate(g.node):
+            seen[node.name] += 1
+            if node.name and seen[node.name] > 1:
+                i = seen[node.name]
+                while f"{node.name}_{i}" in taken:
+                    i += 1
+                taken.add(f"{node.name}_{i}")
+                renamed[(g.name, index, tuple(node.output))] = (node.name, f"{node.name}_{i}")
     return renamed
 
 
@@ -83,6 +86,7 @@ def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     _restore_lazy(graph, original)
     originals = {name: base for base, name in duplicate_node_names(original).values()}
     model = gs.export_onnx(graph, do_type_check=False)
+    _hoist_shared_initializers(model)
     if originals:
         for g in _all_graphs(model):
             for node in g.node:
@@ -92,6 +96,32 @@ def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
             model.ClearField(descriptor.name)
     copy_fields(original, model, but="graph")
     return model
+
+
+def _hoist_shared_initializers(model: onnx.ModelProto) -> None:
+    """gs exports a constant that nodes of several subgraphs read (one weight's factors used in
+    both branches of an If) as an initializer of each subgraph: stored once per branch. A name
+    that several subgraphs hold goes to the main graph, which every subgraph sees."""
+    graphs = _all_graphs(model)
+    held: dict[str, list[onnx.GraphProto]] = {}
+    for g in graphs[1:]:
+        for tensor in g.initializer:
+            held.setdefault(tensor.name, []).append(g)
+    main = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    shared = {name for name, holders in held.items() if len(holders) > 1 and name not in main}
+    if not shared:
+        return
+    for g in graphs[1:]:
+        kept = []
+        for tensor in g.initializer:
+            if tensor.name not in shared:
+                kept.append(tensor)
+            elif tensor.name not in main:
+                model.graph.initializer.append(tensor)
+                main.add(tensor.name)
+        if len(kept) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(kept)
 
 
 def copy_fields(source, target, but: str) -> None:

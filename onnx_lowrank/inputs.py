@@ -53,7 +53,9 @@ def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if value.name in initializers or not value.type.HasField("tensor_type"):
             continue
         tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        # Paddle writes a dynamic dim as dim_value -1: a size no tensor has, so unknown
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                for d in tensor.shape.dim]
         specs.append(InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), dims))
     return specs
 
@@ -287,7 +289,8 @@ def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _fits(shape: list[int], model_shape: list[int | str | None]) -> bool:
-    return len(shape) == len(model_shape) and all(not isinstance(d, int) or d == v for d, v in zip(model_shape, shape))
+    return len(shape) == len(model_shape) and all(not isinstance(d, int) or d < 0 or d == v
+                                                  for d, v in zip(model_shape, shape))
 
 
 def _format_shape(shape) -> str:

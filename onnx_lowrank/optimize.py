@@ -169,11 +169,12 @@ def _within_bytes(optimized: onnx.ModelProto, original: onnx.ModelProto, snapsho
             why = (f"kept dense: its factors ({added:,} B) would outweigh what they free of weight '{source}' "
                    f"({freed:,} B{'; another reader keeps it' if source in present else ''})")
             context.dense.update({r.name: why for r in records})
+    if not context.dense:
+        return optimized   # the growth is not a weight's factors: the check after the rewrite falls back
     rewritten, records = data_aware.rewrite_snapshot(snapshot, original, context, entries, context.ranks)
     data_aware.replace_records(report, records)
-    kept = len({name for name in context.dense})
-    report.notes.append(f"{kept} layers kept dense so that the model does not grow (shared or 16-bit weights "
-                        "whose factors would add bytes)")
+    report.notes.append(f"{len(context.dense)} layers kept dense so that the model does not grow (shared or "
+                        "16-bit weights whose factors would add bytes)")
     return rewritten
 
 

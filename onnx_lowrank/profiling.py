@@ -65,16 +65,20 @@ class LayerNames:
 
     def __init__(self, graph: onnx.GraphProto):
         self.nodes = {node.name: node for node in graph.node if node.name}
+        # ORT names an unnamed node "<op>_<index>"; the tool calls it by its first output
+        self.nodes.update({f"{node.op_type}_{i}": node for i, node in enumerate(graph.node)
+                           if not node.name and node.output})
         self.producer = {out: node for node in graph.node for out in node.output}
 
     def node(self, ort_name: str) -> str:
-        """The model's node behind a name ORT reports; a node ORT made keeps its own name."""
+        """The model's node behind a name ORT reports (as the tool names layers: the node's name,
+        or its first output's for an unnamed node); a node ORT made keeps its own name."""
         name = _FUSED_PREFIX.sub("", ort_name)
         if name in self.nodes:
-            return name
+            return _layer(self.nodes[name])
         tensor = name.removesuffix("_nchwc")
         if tensor != name and tensor in self.producer:
-            return self._fused_into(self.producer[tensor]).name or name
+            return _layer(self._fused_into(self.producer[tensor]))
         # a fused node, or one ORT made (a layout reorder): without ORT's decorations, so that
         # "ReorderOutput_token_6" and "ReorderOutput_token_7" sum into one row
         return _ORT_SUFFIX.sub("", name) or name
@@ -94,6 +98,10 @@ class LayerNames:
             if found.op_type in WEIGHT_OPS:
                 return found
         return node
+
+
+def _layer(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
 
 
 def layer_profile(events: list[dict[str, Any]], graph: onnx.GraphProto, skip_runs: int = 1

@@ -98,7 +98,7 @@ def parity_table(parity: ParityResult) -> str:
         rows.append([o.name, "x".join(map(str, o.shape)), f"{o.max_abs_error:.2e}", f"{o.max_rel_error:.2e}",
                      f"{o.rel_l2_error:.2e}", f"{o.cosine:.6f}",
                      f"{o.top1_agreement:.1%}" if o.top1_agreement is not None else "-", *tolerance,
-                     "PASSED" if o.passed else "FAILED"])
+                     "measured" if parity.ungated else "PASSED" if o.passed else "FAILED"])
     # parity.samples counts runs, each a batch of the input shapes shown
     head = (f"parity on {parity.provider} ({parity.samples} run{'s' * (parity.samples != 1)}, "
             f"inputs {', '.join(f'{k}:{chr(44).join(map(str, v))}' for k, v in parity.input_shapes.items())}); "

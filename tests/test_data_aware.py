@@ -111,6 +111,7 @@ def test_target_speedup_is_measured_and_reallocated_until_met(calib, monkeypatch
 
     monkeypatch.setattr(data_aware, "_measured_speedup", fake_speedup)
     monkeypatch.setattr(data_aware, "layer_time_fraction", lambda *args, **kwargs: 0.6)
+    monkeypatch.setattr(data_aware, "_measured_share", lambda *args, **kwargs: 0.65)   # agrees: profile used
     model, report = optimize(MLP, calibration=calib, target_speedup=1.5, validate=False, measure=True, cache_dir=None,
                              allow_slower=True)
     note = next(n for n in report.notes if n.startswith("--target-speedup 1.5 measured"))

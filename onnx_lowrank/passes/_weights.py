@@ -49,9 +49,12 @@ def storage_dtype(context: PassContext, name: str) -> np.dtype | None:
     if fold is None or not fold.inputs:
         return None
     source, values = fold.inputs[0]
-    if fold.op == "Cast" and source not in context.folds:
+    if fold.op == "Cast":
+        if source in context.folds:
+            values = context.folds[source].value
         stored = values.dtype if isinstance(values, np.ndarray) else _lazy_dtype(values)
-        return np.dtype(np.float16) if stored == np.float16 else None
+        wider = np.dtype(fold.value.dtype).itemsize > 2
+        return np.dtype(np.float16) if stored == np.float16 and wider else None
     return storage_dtype(context, source)
 
 

@@ -33,10 +33,14 @@ def _still_folded(tensor: gs.Tensor, context: PassContext) -> bool:
             and tensor._values is fold.value)
 
 
-def _restore(g: gs.Graph, tensor: gs.Constant, tensors: dict[str, gs.Tensor], context: PassContext) -> None:
+def _restore(g: gs.Graph, tensor: gs.Tensor, tensors: dict[str, gs.Tensor], context: PassContext) -> None:
     fold = context.folds[tensor.name]
     inputs = [_source(g, name, values, tensors, context) for name, values in fold.inputs]
-    tensor.to_variable(dtype=fold.dtype, shape=fold.shape)
+    if isinstance(tensor, gs.Constant):
+        tensor.to_variable(dtype=fold.dtype, shape=fold.shape)
+        # a Constant born in a graph copy never had the `type` gs's Variables carry, which its
+        # exporter reads; to_variable does not set it
+        tensor.type = getattr(tensor, "type", "tensor_type")
     g.nodes.append(gs.Node(fold.op, fold.node_name, fold.attrs, inputs=inputs, outputs=[tensor], domain=fold.domain))
 
 
@@ -45,9 +49,11 @@ def _source(g: gs.Graph, name: str, values, tensors: dict[str, gs.Tensor], conte
     constant made again, or an earlier link of the chain restored first."""
     tensor = tensors.get(name)
     if name in context.folds:
-        if tensor is None:
-            tensor = tensors[name] = gs.Constant(name, context.folds[name].value)
-        if isinstance(tensor, gs.Constant):
+        if tensor is None:   # this copy of the graph never had the link: make it, then its node
+            fold = context.folds[name]
+            tensor = tensors[name] = gs.Variable(name, dtype=fold.dtype, shape=fold.shape)
+            _restore(g, tensor, tensors, context)
+        elif isinstance(tensor, gs.Constant):
             _restore(g, tensor, tensors, context)
         return tensor
     if tensor is None:
