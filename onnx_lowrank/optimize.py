@@ -222,9 +222,9 @@ def _run_passes(entries: list, graph, context: PassContext, report: Report) -> N
 
 def parity_tolerance(report: Report, options: Options, model: onnx.ModelProto
                      ) -> tuple[Tolerance, dict[str, Tolerance], str]:
-    """The parity check's tolerance: the quality gate (gate.py) of a lossy run, tightened to the
-    output error the rank rule implies where that is smaller (a rewrite worse than its own layers'
-    errors predict is a bug to catch, not a loss to accept). To first order a relative weight
+    """The parity check's tolerance: the quality gate (gate.py) of a lossy run, tightened, on the
+    weight-only path, to the output error the rank rule implies where that is smaller (a rewrite
+    worse than its own layers' errors predict is a bug to catch, not a loss to accept). To first order a relative weight
     error e moves a layer's output by about e, and layer errors add up through the network; twice
     the sum leaves room for the nonlinearities in between."""
     gate = gate_for(options)
@@ -237,7 +237,10 @@ def parity_tolerance(report: Report, options: Options, model: onnx.ModelProto
               for r in report.decomposed if r.weight_error is not None]
     floor = PARITY_FLOOR_16BIT if _has_16bit(model) else PARITY_FLOOR
     implied = max(floor, 2 * sum(errors))
-    if gate.source == "--max-error" or implied >= gate.max_error:
+    # with calibration the gate itself was checked on the held-back samples (data_aware.back_off),
+    # and the same samples check parity: a tighter bound here would refuse what the back-off kept
+    data_aware_run = options.calibration is not None or options.target is not None
+    if gate.source == "--max-error" or data_aware_run or implied >= gate.max_error:
         tolerance, per_output = gate_tolerances(gate, gate.max_error, model)
         return tolerance, per_output, f"the quality gate, {gate.source}"
     kind = "activation" if options.calibration else "weight"
