@@ -128,6 +128,71 @@ class BenchResult:
 
 
 @dataclass
+class CalibrationOutcome:
+    """The calibrate stage: Gram matrices of `layers` from `samples`, `held_back` kept for the gate."""
+
+    layers: int
+    samples: int
+    held_back: int
+
+
+@dataclass
+class AllocationOutcome:
+    """The allocate stage: one global allocation of ranks for --target-* (rank_allocation.py)."""
+
+    kind: str                      # "flops" or "params" (a speedup target is turned into flops)
+    target: float                  # the ratio asked for
+    achieved: float                # the ratio the ranks reach
+    met: bool
+    factorized: int
+    layers: int
+    predicted_error: float
+    sensitivity_range: list[float] | None = None   # min, max output error per unit of layer error
+    time_share: float | None = None                 # --target-speedup: the layers' share of the run time
+    time_share_source: str | None = None            # "measured" or "profiled"
+    measured_share: float | None = None
+    profiled_share: float | None = None
+
+
+@dataclass
+class SpeedOutcome:
+    """The meet-speedup stage: whole-model timings, each [speedup, MAC ratio of the layers]."""
+
+    target: float
+    met: bool
+    rounds: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class CorrectionOutcome:
+    """The error-correction stage: layers refitted, one pass over the samples per depth."""
+
+    layers: int
+    depths: int
+
+
+@dataclass
+class GateOutcome:
+    """The back-off stage: the gate on held-back samples, and how far compression backed off."""
+
+    gate: str
+    measured: str                  # what the planned model measured
+    samples: int
+    within: bool                   # the planned model was within the gate
+    steps_kept: int | None = None  # when backed off: compression steps kept of `steps`
+    steps: int | None = None
+
+
+@dataclass
+class DataAwareOutcome:
+    calibration: CalibrationOutcome | None = None
+    allocation: AllocationOutcome | None = None
+    speed: SpeedOutcome | None = None
+    correction: CorrectionOutcome | None = None
+    gate: GateOutcome | None = None
+
+
+@dataclass
 class Report:
     input: str
     input_external_data: bool = False
@@ -144,6 +209,7 @@ class Report:
     gate: str = ""                  # what a lossy run's output error was held to (gate.Gate.describe)
     measured_speedup: float | None = None   # whole model, original vs written, timed interleaved
     fallback: str = ""              # why the written model is the input, when it is
+    data_aware: DataAwareOutcome | None = None   # what each data-aware stage did, as data
 
     @property
     def decomposed(self) -> list[LayerRecord]:

@@ -98,7 +98,7 @@ def test_target_speedup_is_measured_and_reallocated_until_met(calib, monkeypatch
     timing makes time scale with MACs^0.35 (small layers do: fixed costs stay), in a model whose
     layers take 90% of the time while the profile says 60%: the first allocation falls short, and
     the measured shortfall re-allocates until the target is met."""
-    from onnx_lowrank import data_aware
+    from onnx_lowrank.data_aware import allocate, speed
 
     def weights(model):
         return sum(np.prod(t.dims) for t in model.graph.initializer)
@@ -109,9 +109,9 @@ def test_target_speedup_is_measured_and_reallocated_until_met(calib, monkeypatch
         timings.append(1 / (0.1 + 0.9 * (weights(candidate) / weights(original)) ** 0.35))
         return timings[-1]
 
-    monkeypatch.setattr(data_aware, "_measured_speedup", fake_speedup)
-    monkeypatch.setattr(data_aware, "layer_time_fraction", lambda *args, **kwargs: 0.6)
-    monkeypatch.setattr(data_aware, "_measured_share", lambda *args, **kwargs: 0.65)   # agrees: profile used
+    monkeypatch.setattr(speed, "_measured_speedup", fake_speedup)
+    monkeypatch.setattr(allocate, "layer_time_fraction", lambda *args, **kwargs: 0.6)
+    monkeypatch.setattr(allocate, "_measured_share", lambda *args, **kwargs: 0.65)   # agrees: profile used
     model, report = optimize(MLP, calibration=calib, target_speedup=1.5, validate=False, measure=True, cache_dir=None,
                              allow_slower=True)
     note = next(n for n in report.notes if n.startswith("--target-speedup 1.5 measured"))

@@ -10,7 +10,7 @@ import pytest
 from helpers import model_from_text, only, relative_error, run_ort
 
 from onnx_lowrank import optimize
-from onnx_lowrank.data_aware import layer_depths
+from onnx_lowrank.data_aware.correct import layer_depths
 from onnx_lowrank.graph import import_graph
 from onnx_lowrank.numerics.patches import ConvWindow, conv_patches
 from onnx_lowrank.numerics.tucker import corrected_tucker2, patch_channel_gram, tucker2, tucker2_reconstruct, \

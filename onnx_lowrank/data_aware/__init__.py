@@ -1,0 +1,75 @@
+"""The data-aware path of optimize, as stages in the order they run around the decompose passes:
+
+    prepare (before decompose)
+      1. calibrate   calibrate.py  Gram matrices of the candidate layers' inputs -> context.grams
+      2. allocate    allocate.py   spectra, sensitivities, time share, one global allocation for
+                                   --target-*                                    -> context.ranks
+    the decompose passes rewrite the graph (whitened SVD / Tucker-2 where a Gram is known)
+    finish (after the first rewrite)
+      3. meet_speedup  speed.py     --target-speedup measured, re-allocated while short
+      4. correct       correct.py   --error-correction: refit layers depth by depth
+      5. back_off      back_off.py  the quality gate on held-back samples; back off until it holds
+
+Each stage reads the DataPlan (plan.py) and returns its outcome (report.DataAwareOutcome); every
+rewrite after the first is the Rewriter's: the passes on a fresh copy of the normalized graph.
+Without --calibration and without a target nothing here runs and the passes follow the rank rule.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..graph import export_graph
+from ..passes import PassContext, PassEntry
+from ..report import DataAwareOutcome, Report
+from . import allocate as _allocate
+from . import back_off as _back_off
+from . import calibrate as _calibrate
+from . import correct as _correct
+from . import speed as _speed
+from .plan import (DataPlan, Snapshot, analysis_shapes, held_back_count, parity_samples, replace_records, rewrite,
+                   rewrite_snapshot)
+from .speed import whole_model_speedup
+
+WEIGHT_ONLY_NOTE = ("weight-only truncation (no --calibration): on trained models the weight's own spectrum is a poor "
+                    "guide to output error; pass --calibration SAMPLES.npz for whitened, data-aware ranks")
+
+
+
+def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, decompose: list[PassEntry],
+            report: Report, on_batch: Callable[[int], None] | None = None) -> DataPlan | None:
+    """Stages 1 and 2 on `graph` (normalized, not yet decomposed): fills context.grams and
+    context.ranks. None when neither --calibration nor a target is given."""
+    options = context.options
+    if options.calibration is None and options.target is None:
+        return None
+    plan = DataPlan(graph.copy(), set(context.names), export_graph(graph.copy(), original))
+    context.decompositions = {}   # the survey, the allocation and the back-off reuse each layer's SVD
+    report.data_aware = outcome = DataAwareOutcome()
+    positions = None
+    if options.calibration is not None:
+        context.grams, positions, outcome.calibration = _calibrate.calibrate(plan, graph, context, on_batch)
+        report.notes.append(_calibrate.describe(outcome.calibration))
+    if options.target is not None:
+        outcome.allocation = _allocate.allocate(plan, graph, original, context, decompose, positions, report.notes)
+        context.ranks = dict(plan.allocation.ranks)
+    return plan
+
+
+def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
+           entries: list[PassEntry], report: Report, on_batch: Callable[[int], None] | None = None
+           ) -> onnx.ModelProto:
+    """Stages 3, 4 and 5 on the rewritten model."""
+    outcome = report.data_aware
+    optimized, outcome.speed = _speed.meet_speedup(plan, original, optimized, context, entries, report)
+    optimized, context, outcome.correction = _correct.correct(plan, original, optimized, context, entries, report,
+                                                              on_batch)
+    optimized, outcome.gate = _back_off.back_off(plan, original, optimized, context, entries, report)
+    return optimized
+
+
+__all__ = ["DataPlan", "Snapshot", "WEIGHT_ONLY_NOTE", "analysis_shapes", "finish", "held_back_count",
+           "parity_samples", "prepare", "replace_records", "rewrite", "rewrite_snapshot", "whole_model_speedup"]

@@ -1,0 +1,194 @@
+"""Stage 2, allocate: survey every candidate layer's spectrum, weigh layer errors by their measured
+sensitivity, turn --target-speedup into a MAC budget by the layers' share of the run time
+(time_share.py), and choose all ranks together (rank_allocation.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..calibration import layer_time_fraction, probe_deviations
+from ..errors import InferenceError
+from ..graph import export_graph
+from ..inputs import input_hints
+from ..passes import PassContext, PassEntry
+from ..passes.base import layer_name, unique_name
+from ..rank_allocation import ConvSpectrum, Spectrum, allocate_ranks, flop_ratio_for_speedup, predicted_error, rank_grid
+from ..report import AllocationOutcome
+from ..time_share import TimeShare, choose_share, without_layers
+from .plan import DataPlan
+from .speed import whole_model_speedup
+
+#: Calibration samples the sensitivity probe runs on (each layer costs one run over them).
+SENSITIVITY_SAMPLES = 8
+
+
+
+def allocate(plan: DataPlan, graph: gs.Graph, original: onnx.ModelProto, context: PassContext,
+             decompose: list[PassEntry], positions: dict[str, float] | None, notes: list[str]) -> AllocationOutcome:
+    """The allocation for options.target: sets plan.spectra, plan.allocation (and for a speedup
+    target plan.flop_ratio and plan.time_fraction); returns what it chose."""
+    options = context.options
+    plan.spectra = survey(graph, context, decompose)
+    if positions is not None:
+        plan.spectra = [_per_sample(s, positions) for s in plan.spectra]
+    sensitivity = None
+    if plan.data is not None:
+        weights = sensitivities(plan, original, context)
+        if weights:
+            plan.spectra = [dataclasses.replace(s, errors=s.errors * weights.get(s.name, 1.0)) for s in plan.spectra]
+            sensitivity = [min(weights.values()), max(weights.values())]
+            notes.append(f"layer sensitivities: output error per unit of layer error from "
+                         f"{sensitivity[0]:.2f} to {sensitivity[1]:.2f}, measured by "
+                         "truncating one layer at a time; allocation weighs layer errors by them")
+    kind, value = options.target
+    ratio, share = value, None
+    if kind == "speedup":
+        # MACs, not the per-layer micro-benchmarks of latency.py: at 0.71 of the time those
+        # predicted, MiniLM measured 1.10-1.13x whole (and 1.31-1.39x timed at 8x64 tokens),
+        # while the MAC ratio of the same Amdahl target measured 1.18-1.33x
+        share = time_share(value, plan.reference, plan, options)
+        kind, ratio = "flops", _speedup_ratio(value, share, notes)
+        plan.flop_ratio, plan.time_fraction = ratio, share.share
+    plan.allocation = allocate_ranks(plan.spectra, ratio, kind, options.rounding_multiple)
+    outcome = _outcome(plan, kind, ratio, sensitivity, share)
+    notes.append(describe(outcome))
+    return outcome
+
+
+def survey(graph: gs.Graph, context: PassContext, decompose: list[PassEntry]) -> list[Spectrum]:
+    """Every matrix layer's and Tucker-2 conv's spectrum, measured by the decompose passes on a copy
+    that they leave unchanged (they only record in survey mode); the SVDs are kept for the rewrite."""
+    probe = dataclasses.replace(context, survey={}, names=set(context.names), factors={}, choices={},
+                                on_layer=lambda name: None)
+    copy = graph.copy()
+    for entry in decompose:
+        entry.run(copy, probe)
+    return list(probe.survey.values())
+
+def _per_sample(spectrum: Spectrum, positions: dict[str, float]) -> Spectrum:
+    """Costs per calibration sample, the unit the calibration counted rows in: a matrix layer's
+    rows, a conv's output pixels (its channel Gram counted input pixels)."""
+    if spectrum.name not in positions:
+        return spectrum
+    rows = positions[spectrum.name]
+    return dataclasses.replace(spectrum, positions=rows / spectrum.stride if isinstance(spectrum, ConvSpectrum) else rows)
+
+def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContext) -> dict[str, float] | None:
+    """Per layer, the model's relative output deviation when that layer alone is truncated, divided
+    by the layer's own relative output error at that rank. A transformer's FFN layers measured ~10x
+    more sensitive than its attention projections (their error is not diluted by the residual
+    stream); weighing by this moved MiniLM's embedding cosine at 0.72 of the MACs from 0.915 to 0.94.
+
+    One probe model, one session: each layer's output gets + s_i x (W_r - W) for its input x,
+    s = one-hot over the layers, so probing is one run per layer instead of one model per layer.
+    MatMul layers with the weight on the right only (transformers); None when others take part."""
+    graph = plan.normalized.copy()
+    nodes = {layer_name(node): node for node in graph.nodes}
+    names = set(plan.names)
+    probes = []
+    for spectrum in plan.spectra:
+        node = nodes.get(spectrum.name)
+        if (node is None or node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant)
+                or isinstance(node.inputs[0], gs.Constant)):
+            return None
+        grid = rank_grid(spectrum, context.options.rounding_multiple)
+        if grid and spectrum.name in context.decompositions:
+            probes.append((spectrum, node, grid[len(grid) // 2]))
+    dtypes = {np.dtype(node.inputs[1].values.dtype) for _, node, _ in probes}
+    if not probes or len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    selector = gs.Variable(unique_name(names, "lowrank_probe_selector"), dtype=dtype, shape=[len(probes)])
+    graph.inputs.append(selector)
+    for i, (spectrum, node, rank) in enumerate(probes):
+        first, second = context.decompositions[spectrum.name].factors(rank)
+        x, y = node.inputs[0], node.outputs[0]
+        dense, hidden, low, moved, scale, scaled = (
+            gs.Variable(unique_name(names, f"{y.name}_probe_{part}"), dtype=y.dtype)
+            for part in ("dense", "hidden", "low", "delta", "scale", "scaled"))
+        node.outputs.clear()
+        node.outputs.append(dense)
+        # the truncation's change x (A B - W) as x A B - x W: the factors are small, a dense
+        # difference weight would double the model in memory
+        graph.nodes.extend([
+            gs.Node("MatMul", unique_name(names, f"{spectrum.name}_probe_a"),
+                    inputs=[x, gs.Constant(unique_name(names, f"{spectrum.name}_probe_a"), first.astype(dtype))],
+                    outputs=[hidden]),
+            gs.Node("MatMul", unique_name(names, f"{spectrum.name}_probe_b"),
+                    inputs=[hidden, gs.Constant(unique_name(names, f"{spectrum.name}_probe_b"), second.astype(dtype))],
+                    outputs=[low]),
+            gs.Node("Sub", unique_name(names, f"{spectrum.name}_probe_delta"), inputs=[low, dense], outputs=[moved]),
+            gs.Node("Gather", unique_name(names, f"{spectrum.name}_probe_pick"),
+                    inputs=[selector, gs.Constant(unique_name(names, f"{spectrum.name}_probe_index"), np.array(i, np.int64))],
+                    outputs=[scale]),
+            gs.Node("Mul", unique_name(names, f"{spectrum.name}_probe_mul"), inputs=[moved, scale], outputs=[scaled]),
+            gs.Node("Add", unique_name(names, f"{spectrum.name}_probe_add"), inputs=[dense, scaled], outputs=[y]),
+        ])
+    probe = export_graph(graph, original)
+    deviations = probe_deviations(probe, selector.name, len(probes), plan.data,
+                                  stop=min(plan.fit_stop, SENSITIVITY_SAMPLES), provider=context.options.provider)
+    return {spectrum.name: float(deviation / max(spectrum.errors[rank], 1e-12))
+            for (spectrum, _, rank), deviation in zip(probes, deviations)}
+
+
+
+def time_share(speedup: float, model: onnx.ModelProto, plan: DataPlan, options) -> TimeShare:
+    """The candidate layers' share of the run time, read two ways (time_share.py) and checked one
+    against the other; an error that says so where neither can be read."""
+    layers = {s.name for s in plan.spectra}
+    profiled = (layer_time_fraction(model, layers, plan.data, provider=options.provider)
+                if plan.data is not None else None)
+    share = choose_share(_measured_share(model, plan, layers, options), profiled)
+    if share is None:
+        raise InferenceError(f"--target-speedup {speedup:g}: cannot tell where the model's time goes (ORT's profile "
+                             "names none of the candidate layers and the model could not be timed without them); "
+                             "give a MAC budget instead: --target-flops F")
+    return share
+
+
+def _speedup_ratio(speedup: float, share: TimeShare, notes: list[str]) -> float:
+    """Amdahl: the MAC ratio of the candidate layers that --target-speedup S asks for."""
+    ratio = flop_ratio_for_speedup(speedup, share.share)
+    notes.append(f"--target-speedup {speedup:g}: the candidate layers take {share.describe()} of the run "
+                 f"time; the allocation used the {share.source} share; Amdahl gives them {ratio:.2f} of "
+                 "their time, taken as their MACs")
+    if ratio <= 0:
+        notes.append(f"--target-speedup {speedup:g} is out of reach by decomposition alone (the rest of the "
+                     f"model takes {1 - share.share:.0%}); compressing as far as the layers allow")
+    return max(ratio, 0.0)
+
+
+def _measured_share(model: onnx.ModelProto, plan: DataPlan, layers: set[str], options) -> float | None:
+    """1 - t(model without the layers) / t(model), timed interleaved; None where no stand-in could
+    be built or the model not timed."""
+    standin, replaced = without_layers(plan.normalized, model, layers, plan.names)
+    if not replaced:
+        return None
+    try:
+        speed = whole_model_speedup(model, standin, plan, options, hints=input_hints(model))
+    except InferenceError:
+        return None
+    return float(min(1.0, max(0.0, 1.0 - 1.0 / speed))) if speed else None
+
+
+
+def _outcome(plan: DataPlan, kind: str, ratio: float, sensitivity, share: TimeShare | None) -> AllocationOutcome:
+    allocation = plan.allocation
+    achieved = allocation.cost_after / allocation.cost_before if allocation.cost_before else 1.0
+    return AllocationOutcome(
+        kind=kind, target=ratio, achieved=achieved, met=allocation.met,
+        factorized=sum(rank is not None for rank in allocation.ranks.values()), layers=len(allocation.ranks),
+        predicted_error=float(predicted_error(plan.spectra, allocation.ranks)), sensitivity_range=sensitivity,
+        time_share=None if share is None else share.share, time_share_source=None if share is None else share.source,
+        measured_share=None if share is None else share.measured, profiled_share=None if share is None else share.profiled)
+
+
+def describe(outcome: AllocationOutcome) -> str:
+    verdict = "met" if outcome.met else "NOT met: every layer is at its lowest rank"
+    return (f"rank allocation: {outcome.factorized} of {outcome.layers} layers factorized, {outcome.kind} of the "
+            f"candidate layers {outcome.achieved:.2f} of dense (target {outcome.target:.2f}, {verdict}); predicted "
+            f"output error {outcome.predicted_error:.3f}")

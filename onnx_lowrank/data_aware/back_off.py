@@ -1,0 +1,92 @@
+"""Stage 5, back off: check the rewritten model against the quality gate (gate.py) on the held-back
+calibration samples and, outside it, bisect along the compression path for the most compressed
+model within it."""
+
+from __future__ import annotations
+
+import onnx
+
+from ..gate import gate_for, gate_tolerances
+from ..parity import check_parity
+from ..passes import PassContext, PassEntry
+from ..report import GateOutcome, Report
+from .plan import DataPlan, count, plan_rank, replace_records, rewrite, tucker2
+
+def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
+             entries: list[PassEntry], report: Report) -> tuple[onnx.ModelProto, GateOutcome | None]:
+    """Check the rewritten model on the held-back samples against the quality gate (gate.py:
+    --max-error, default 0.25, and top-1 agreement of class outputs); if it passes, keep it, else
+    bisect along the compression path (allocation steps, or the rank rule's layers from least to
+    most damaging) for the most compressed prefix within the gate.
+
+    Replaces report.layers / report.passes of `entries` with those of the model returned."""
+    gate = gate_for(context.options)
+    samples = plan.held_back()
+    if gate.ungated or not samples:
+        return optimized, None
+    passed, measured = _within_gate(original, optimized, samples, context)
+    if passed:
+        outcome = GateOutcome(gate.describe(), measured, count(samples), True)
+        report.notes.append(describe(outcome))
+        return optimized, outcome
+    # under an allocation every layer it surveyed and did not step stays dense (the rank rule would
+    # decide them otherwise); the rank rule's skipped layers it decides again, the same way
+    allocated = plan.allocation is not None
+    path = plan.allocation.steps if allocated else _rank_rule_path(report)
+    dense = set(plan.allocation.ranks) if allocated else set()
+    lo, hi = 0, len(path)          # prefix lo is within the gate (0: the original), prefix hi is not
+    best = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, dense))
+        if _within_gate(original, model, samples, context)[0]:
+            lo, best = mid, (model, records)
+        else:
+            hi = mid
+    model, records = best or rewrite(plan, original, context, entries, _prefix_ranks(path, 0, dense))
+    restored = {name for name, _ in path[lo:]} - {name for name, _ in path[:lo]}
+    for r in (r for pass_records in records.values() for r in pass_records):
+        if r.name in restored and not r.decomposed:
+            r.reason = f"restored by the quality gate ({gate.describe()})"
+    replace_records(report, records)
+    outcome = GateOutcome(gate.describe(), measured, count(samples), False, lo, len(path))
+    report.notes.append(describe(outcome))
+    return model, outcome
+
+
+def describe(outcome: GateOutcome) -> str:
+    if outcome.within:
+        return f"quality gate {outcome.gate}: {outcome.measured} on {outcome.samples} held-back samples"
+    return (f"quality gate {outcome.gate}: the planned model ({outcome.measured} on {outcome.samples} "
+            f"held-back samples) is outside it; backed off to {outcome.steps_kept} of {outcome.steps} compression "
+            "steps, the most damaging per unit of cost undone first"
+            + ("" if outcome.steps_kept else ": no step fits the gate, nothing is decomposed"))
+
+def _rank_rule_path(report: Report) -> list[tuple[str, int | tuple[int, ...]]]:
+    """The rank rule's layers, least damaging first: SVD layers by their rank, Tucker-2 convs by
+    their (r_out, r_in) (context.ranks' two forms)."""
+    done = [r for r in report.decomposed if r.method in ("svd", "whitened-svd")
+            or (r.method in ("tucker2", "whitened-tucker2") and tucker2(r))]
+    done.sort(key=lambda r: r.activation_error if r.activation_error is not None else (r.weight_error or 0.0))
+    return [(r.name, plan_rank(r)) for r in done]
+
+def _prefix_ranks(path: list[tuple[str, int | tuple[int, ...]]], count: int, dense: set[str]
+                  ) -> dict[str, int | tuple[int, ...] | None]:
+    """The first `count` steps of the path; its other layers and `dense` kept dense."""
+    ranks: dict[str, int | tuple[int, ...] | None] = dict.fromkeys(dense)
+    ranks.update({name: None for name, _ in path})
+    for name, rank in path[:count]:
+        ranks[name] = rank
+    return ranks
+
+def _within_gate(original: onnx.ModelProto, candidate: onnx.ModelProto, samples: list[dict],
+                 context: PassContext) -> tuple[bool, str]:
+    """Whether the candidate is within the quality gate on these samples, and what was measured."""
+    gate = gate_for(context.options)
+    tolerance, per_output = gate_tolerances(gate, gate.max_error, original)
+    result = check_parity(original, candidate, tolerance=tolerance, per_output=per_output,
+                          provider=context.options.provider, samples=samples)
+    worst = max(result.outputs, key=lambda o: o.rel_l2_error)
+    top1 = [o.top1_agreement for o in result.outputs if o.min_top1 is not None]
+    measured = f"rel_l2 {worst.rel_l2_error:.3g}" + (f", top-1 agreement {min(top1):.3f}" if top1 else "")
+    return result.passed, measured

@@ -1,0 +1,53 @@
+"""Stage 1, calibrate: Gram matrices of every candidate layer's inputs on the calibration samples
+(calibration.py streams them from ONNX Runtime), a share of the samples held back for the quality
+gate, and the Grams of layers that read one weight summed (they are factorized once)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..calibration import capture_specs, collect_grams, load_calibration
+from ..gate import gate_for
+from ..passes import PassContext
+from ..passes._weights import weight_key
+from ..report import CalibrationOutcome
+from .plan import DataPlan, held_back_count
+
+
+def calibrate(plan: DataPlan, graph, context: PassContext, on_batch: Callable[[int], None] | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, float], CalibrationOutcome]:
+    """(layer -> Gram, layer -> rows per sample, outcome); sets plan.data and plan.fit_stop."""
+    options = context.options
+    inputs = [t.name for t in graph.inputs]
+    plan.data = load_calibration(options.calibration, inputs)
+    checks = gate_for(options).max_error is not None and plan.data.samples >= 2
+    plan.fit_stop = plan.data.samples - (held_back_count(plan.data.samples) if checks else 0)
+    specs = capture_specs(graph, options)
+    calibration = collect_grams(plan.reference, specs, plan.data, stop=plan.fit_stop, provider=options.provider,
+                                on_batch=on_batch)
+    outcome = CalibrationOutcome(len(calibration.grams), calibration.samples, plan.data.samples - plan.fit_stop)
+    return shared_grams(calibration.grams, specs, context), calibration.positions, outcome
+
+
+def describe(outcome: CalibrationOutcome) -> str:
+    held = f", {outcome.held_back} held back for the quality gate" if outcome.held_back else ""
+    return (f"calibration: Gram matrices of {outcome.layers} layers from {outcome.samples} samples{held}; "
+            "matrix layers use whitened SVD, k x k convs whitened Tucker-2")
+
+
+def shared_grams(grams: dict[str, np.ndarray], specs: list, context: PassContext) -> dict[str, np.ndarray]:
+    """Layers that read one weight (through aliases too) are factorized once, so their whitening
+    is the Gram of all their inputs together: the sum of their Grams, given to each of them."""
+    groups: dict[tuple, list[str]] = {}
+    for spec in specs:
+        if spec.layer in grams:
+            key = (weight_key(context, spec.weight), spec.axis, spec.window, grams[spec.layer].shape)
+            groups.setdefault(key, []).append(spec.layer)
+    shared = dict(grams)
+    for layers in groups.values():
+        if len(layers) > 1:
+            total = sum(grams[layer] for layer in layers)
+            shared.update(dict.fromkeys(layers, total))
+    return shared
