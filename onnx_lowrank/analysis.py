@@ -26,6 +26,7 @@ from .io import load_model
 from .forms import DENSE, Form
 from .latency import latency_for
 from .numerics import ranks as R
+from .numerics.conv_attrs import conv_attrs
 from .numerics.svd import relative_error_by_rank, svd
 from .numerics.tucker import channel_bases
 from .options import Options
@@ -144,7 +145,7 @@ def _matrix_layer(node: gs.Node, op: str, w: np.ndarray, shape, geometry):
 def _tucker2_layer(node: gs.Node, w: np.ndarray, geometry):
     out_ch, in_ch, *kernel_dims = w.shape
     kernel = math.prod(kernel_dims)
-    stride = math.prod(node.attrs.get("strides", [1] * len(kernel_dims)))
+    stride = conv_attrs(node.attrs, kernel_dims).stride
     out_basis, in_basis = channel_bases(w)
     errors = _tucker2_errors_equal_rank(np.asarray(w, dtype=np.float64), out_basis.u, in_basis.u)
     analysis = LayerAnalysis(layer_name(node), "Conv", list(w.shape), "tucker2", max(out_ch, in_ch),

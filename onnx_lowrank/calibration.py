@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from . import profiling, runtime
 from .errors import OptionError
+from .numerics.conv_attrs import conv_attrs
 from .numerics.patches import ConvWindow, conv_patches
 from .options import Options
 from .passes.base import layer_name
@@ -129,7 +130,7 @@ def capture_specs(graph: gs.Graph, options: Options, patches: bool = False) -> l
             window = None
             if node.op == "Conv":
                 kernel = tuple(weight.shape[2:])
-                if all(d == 1 for d in kernel) and not _pointwise(node) or patches and any(d > 1 for d in kernel):
+                if all(d == 1 for d in kernel) and not conv_attrs(node.attrs, kernel).pointwise or patches and any(d > 1 for d in kernel):
                     window = ConvWindow.from_attrs(kernel, node.attrs)
                     if window is None and all(d == 1 for d in kernel):
                         continue   # a strided 1x1 whose rows cannot be unfolded: weight-only
@@ -158,13 +159,6 @@ def _matrix_input(node: gs.Node, options: Options) -> tuple[gs.Variable, int, gs
             # 1x1's rows are its (1x1) patches
             return inputs[0], 1, w
     return None
-
-
-def _pointwise(node: gs.Node) -> bool:
-    """A 1x1 conv sees every input pixel once only without strides and pads; otherwise the Gram of
-    its input is not the Gram of the rows it multiplies."""
-    return (all(s == 1 for s in node.attrs.get("strides", [1])) and not any(node.attrs.get("pads", [0]))
-            and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID", b"NOTSET", b"VALID"))
 
 
 # --- the run ------------------------------------------------------------------------------------

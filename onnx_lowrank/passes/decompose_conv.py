@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from ..forms import Form, conv_chain
 from ..numerics import ranks as R
+from ..numerics.conv_attrs import conv_attrs
 from ._conv_forms import plan_conv
 from ._geometry import conv_geometry
 from ._matrix import factorize_matrix, record_measurement, shared_constants
@@ -83,7 +84,7 @@ def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
                  context: PassContext) -> None:
     w = weight.values
     out_ch, in_ch, *kernel_dims = w.shape
-    stride = math.prod(node.attrs.get("strides", [1] * len(kernel_dims)))
+    stride = conv_attrs(node.attrs, kernel_dims).stride
     record.params_before = w.size
     record.macs_before = R.tucker2_macs(out_ch, in_ch, math.prod(kernel_dims), stride)
     prior = prior_choice(context, weight)
