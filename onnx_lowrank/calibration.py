@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from . import profiling, runtime
 from .errors import OptionError
+from .inputs import check_every_input, read_npz
 from .numerics.patches import ConvWindow, conv_patches
 from .options import Options
 from .passes.candidates import match
@@ -57,8 +58,7 @@ class CalibrationData:
             offset += count
             if lo >= hi:
                 continue
-            with np.load(path) as data:
-                arrays = {key: data[key] for key in data.files}
+            arrays = read_npz(path, "--calibration")
             for i in range(lo, hi, batch_size):
                 yield {key: value[i:min(i + batch_size, hi)] for key, value in arrays.items()}
 
@@ -76,15 +76,9 @@ def load_calibration(path: str | os.PathLike, input_names: list[str]) -> Calibra
         raise OptionError(f"--calibration: '{path}' does not exist")
     counts = []
     for file in files:
-        try:
-            with np.load(file) as data:
-                shapes = {key: data[key].shape for key in data.files}
-        except (OSError, ValueError) as exc:
-            raise OptionError(f"--calibration: cannot read '{file}' as .npz: {exc}") from None
-        missing = [name for name in input_names if name not in shapes]
-        if missing:
-            raise OptionError(f"--calibration: '{file}' has no array for input {', '.join(map(repr, missing))} "
-                              f"(keys: {', '.join(shapes) or 'none'}; expected one per model input: {', '.join(input_names)})")
+        arrays = read_npz(file, "--calibration")
+        check_every_input(arrays, input_names, file, "--calibration")
+        shapes = {name: arrays[name].shape for name in input_names}
         leading = {shapes[name][0] if shapes[name] else 0 for name in input_names}
         if len(leading) != 1 or 0 in leading:
             raise OptionError(f"--calibration: in '{file}' the inputs' leading (sample) axes differ or are empty: "
