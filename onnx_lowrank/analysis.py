@@ -26,12 +26,14 @@ from .io import load_model
 from .forms import DENSE, Form
 from .latency import latency_for
 from .numerics import ranks as R
+from .numerics.conv_attrs import conv_attrs
 from .numerics.svd import relative_error_by_rank, svd
 from .numerics.tucker import channel_bases
 from .options import Options
 from .passes import PassContext, pipeline
 from .passes._geometry import conv_geometry, matmul_geometry
-from .passes.base import constant_weight, layer_name, walk_graphs
+from .passes.base import layer_name, walk_graphs
+from .passes.candidates import Candidate, match
 
 #: The error levels at which analyze reports a rank and its speedup.
 ERROR_LEVELS = (1e-1, 1e-2, 1e-3)
@@ -86,45 +88,34 @@ def analyze_model(model: onnx.ModelProto | str | os.PathLike, options: Options |
     result = Analysis(source, notes=list(notes))
     for g in walk_graphs(graph):
         for node in g.nodes:
-            layer = _candidate(node, context) if options.selects(layer_name(node)) else None
-            if layer is not None:
-                analysis, geometry, forms = layer
-                if latency is not None and geometry is not None:
-                    _measure(analysis, geometry, forms, latency)
-                result.layers.append(analysis)
+            candidate = match(node, options)
+            if candidate is None or candidate.refusal:
+                continue   # what optimize leaves alone (grouped, excluded, a weight type it refuses)
+            analysis, geometry, forms = _layer_analysis(candidate, context)
+            if latency is not None and geometry is not None:
+                _measure(analysis, geometry, forms, latency)
+            result.layers.append(analysis)
     if latency_note := getattr(latency, "describe", lambda: "")():
         result.notes.append(latency_note)
     return result
 
 
-def _candidate(node: gs.Node, context: PassContext):
-    """(LayerAnalysis, geometry, form per rank) for a weight-carrying node `optimize` would consider."""
-    ops = context.options.ops
-    if node.op == "MatMul" and "matmul" in ops and len(node.inputs) == 2:
-        left, right = constant_weight(node, 0, 2), constant_weight(node, 1, 2)
-        if (left is None) == (right is None):
-            return None
-        weight_first = left is not None
-        w = (left if weight_first else right).values
-        geometry = matmul_geometry(context, node.inputs[int(weight_first)], *w.shape, weight_first=weight_first)
-        return _matrix_layer(node, "MatMul", w, w.shape, geometry)
-    if node.op == "Gemm" and "gemm" in ops and len(node.inputs) >= 2:
-        weight = constant_weight(node, 1, 2)
-        if weight is None or constant_weight(node, 0) is not None:
-            return None
-        w = weight.values.T if node.attrs.get("transB", 0) else weight.values
-        geometry = matmul_geometry(context, node.inputs[0], *w.shape, transposed_input=bool(node.attrs.get("transA", 0)))
-        return _matrix_layer(node, "Gemm", w, weight.shape, geometry)
-    if node.op == "Conv" and "conv" in ops and len(node.inputs) >= 2 and int(node.attrs.get("group", 1)) == 1:
-        weight = constant_weight(node, 1)
-        if weight is None or len(weight.shape) < 3:
-            return None
+def _layer_analysis(candidate: Candidate, context: PassContext):
+    """(LayerAnalysis, geometry, form per rank) for a layer `optimize` would consider and not refuse."""
+    node, weight = candidate.node, candidate.weight
+    if node.op == "MatMul":
         w = weight.values
-        geometry = conv_geometry(context, node, w.shape)
-        if all(d == 1 for d in w.shape[2:]):
-            return _matrix_layer(node, "Conv", w.reshape(w.shape[:2]), w.shape, geometry)
-        return _tucker2_layer(node, w, geometry)
-    return None
+        geometry = matmul_geometry(context, candidate.x, *w.shape, weight_first=candidate.weight_first)
+        return _matrix_layer(node, "MatMul", w, w.shape, geometry)
+    if node.op == "Gemm":
+        w = weight.values.T if node.attrs.get("transB", 0) else weight.values
+        geometry = matmul_geometry(context, candidate.x, *w.shape, transposed_input=bool(node.attrs.get("transA", 0)))
+        return _matrix_layer(node, "Gemm", w, weight.shape, geometry)
+    w = weight.values
+    geometry = conv_geometry(context, node, w.shape)
+    if all(d == 1 for d in w.shape[2:]):
+        return _matrix_layer(node, "Conv", w.reshape(w.shape[:2]), w.shape, geometry)
+    return _tucker2_layer(node, w, geometry)
 
 
 def _matrix_layer(node: gs.Node, op: str, w: np.ndarray, shape, geometry):
@@ -144,7 +135,7 @@ def _matrix_layer(node: gs.Node, op: str, w: np.ndarray, shape, geometry):
 def _tucker2_layer(node: gs.Node, w: np.ndarray, geometry):
     out_ch, in_ch, *kernel_dims = w.shape
     kernel = math.prod(kernel_dims)
-    stride = math.prod(node.attrs.get("strides", [1] * len(kernel_dims)))
+    stride = conv_attrs(node.attrs, kernel_dims).stride
     out_basis, in_basis = channel_bases(w)
     errors = _tucker2_errors_equal_rank(np.asarray(w, dtype=np.float64), out_basis.u, in_basis.u)
     analysis = LayerAnalysis(layer_name(node), "Conv", list(w.shape), "tucker2", max(out_ch, in_ch),

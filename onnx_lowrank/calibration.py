@@ -25,9 +25,10 @@ import onnx_graphsurgeon as gs
 
 from . import profiling, runtime
 from .errors import OptionError
+from .inputs import check_every_input, read_npz
 from .numerics.patches import ConvWindow, conv_patches
 from .options import Options
-from .passes.base import layer_name
+from .passes.candidates import match
 
 #: Samples per ORT run. Activations of one batch are all held at once: BERT-base at sequence 128
 #: captures 48 distinct tensors (36 of width 768, 12 of 3072) of 8 x 128 rows, 0.26 GB.
@@ -57,8 +58,7 @@ class CalibrationData:
             offset += count
             if lo >= hi:
                 continue
-            with np.load(path) as data:
-                arrays = {key: data[key] for key in data.files}
+            arrays = read_npz(path, "--calibration")
             for i in range(lo, hi, batch_size):
                 yield {key: value[i:min(i + batch_size, hi)] for key, value in arrays.items()}
 
@@ -76,15 +76,9 @@ def load_calibration(path: str | os.PathLike, input_names: list[str]) -> Calibra
         raise OptionError(f"--calibration: '{path}' does not exist")
     counts = []
     for file in files:
-        try:
-            with np.load(file) as data:
-                shapes = {key: data[key].shape for key in data.files}
-        except (OSError, ValueError) as exc:
-            raise OptionError(f"--calibration: cannot read '{file}' as .npz: {exc}") from None
-        missing = [name for name in input_names if name not in shapes]
-        if missing:
-            raise OptionError(f"--calibration: '{file}' has no array for input {', '.join(map(repr, missing))} "
-                              f"(keys: {', '.join(shapes) or 'none'}; expected one per model input: {', '.join(input_names)})")
+        arrays = read_npz(file, "--calibration")
+        check_every_input(arrays, input_names, file, "--calibration")
+        shapes = {name: arrays[name].shape for name in input_names}
         leading = {shapes[name][0] if shapes[name] else 0 for name in input_names}
         if len(leading) != 1 or 0 in leading:
             raise OptionError(f"--calibration: in '{file}' the inputs' leading (sample) axes differ or are empty: "
@@ -114,57 +108,29 @@ class CaptureSpec:
 
 
 def capture_specs(graph: gs.Graph, options: Options, patches: bool = False) -> list[CaptureSpec]:
-    """The layers the decompose passes would factorize (MatMul and Gemm with one constant 2-D side,
-    group-1 Conv: 1x1 for whitened SVD, k x k for whitened Tucker-2), main graph only: a subgraph's
-    tensors cannot be graph outputs. With `patches`, a 2-D k x k conv's rows are its patches (error
-    correction fits the whole kernel) rather than its input pixels (Tucker-2's channel Gram)."""
+    """The layers the decompose passes would factorize (passes/candidates.py: MatMul and Gemm with
+    one constant 2-D side, group-1 Conv: 1x1 for whitened SVD, k x k for whitened Tucker-2; none the
+    passes refuse), main graph only: a subgraph's tensors cannot be graph outputs. A k x k conv's
+    Tucker-2 needs the channel Gram sum x x^T over all input pixels, which describes the
+    input-channel mode whatever the pads and strides; a strided or padded 1x1's rows are its (1x1)
+    patches. With `patches`, a 2-D k x k conv's rows are its patches (error correction fits the
+    whole kernel) rather than its input pixels (Tucker-2's channel Gram)."""
     specs = []
     for node in graph.nodes:
-        match = _matrix_input(node, options)
-        if match is None:
-            continue
-        name = layer_name(node)   # the key the passes look the Gram up by
-        if options.selects(name):
-            tensor, axis, weight = match
-            window = None
-            if node.op == "Conv":
-                kernel = tuple(weight.shape[2:])
-                if all(d == 1 for d in kernel) and not _pointwise(node) or patches and any(d > 1 for d in kernel):
-                    window = ConvWindow.from_attrs(kernel, node.attrs)
-                    if window is None and all(d == 1 for d in kernel):
-                        continue   # a strided 1x1 whose rows cannot be unfolded: weight-only
-            specs.append(CaptureSpec(name, tensor.name, axis, np.dtype(weight.values.dtype), weight.name, window))
+        candidate = match(node, options)
+        if candidate is None or candidate.refusal or not isinstance(candidate.x, gs.Variable):
+            continue   # not factorized, or activations that are a constant: nothing to capture
+        weight, window = candidate.weight, None
+        if candidate.conv is not None:
+            kernel = candidate.conv.kernel
+            if all(d == 1 for d in kernel) and not candidate.conv.pointwise or patches and any(d > 1 for d in kernel):
+                window = ConvWindow.from_attrs(kernel, node.attrs)
+                if window is None and all(d == 1 for d in kernel):
+                    continue   # a strided 1x1 whose rows cannot be unfolded: weight-only
+        # the layer name is the key the passes look the Gram up by
+        specs.append(CaptureSpec(candidate.name, candidate.x.name, candidate.axis, np.dtype(weight.values.dtype),
+                                 weight.name, window))
     return specs
-
-
-def _matrix_input(node: gs.Node, options: Options) -> tuple[gs.Variable, int, gs.Constant] | None:
-    inputs = node.inputs
-    if node.op == "MatMul" and "matmul" in options.ops and len(inputs) == 2:
-        left, right = (isinstance(t, gs.Constant) and len(t.shape) == 2 for t in inputs)
-        if right and isinstance(inputs[0], gs.Variable):
-            return inputs[0], -1, inputs[1]
-        if left and isinstance(inputs[1], gs.Variable):
-            return inputs[1], -2, inputs[0]          # y = W x: x's rows are axis -2
-    if node.op == "Gemm" and "gemm" in options.ops and len(inputs) >= 2:
-        a, b = inputs[0], inputs[1]
-        if isinstance(b, gs.Constant) and len(b.shape) == 2 and isinstance(a, gs.Variable):
-            return a, 0 if node.attrs.get("transA", 0) else -1, b
-    if node.op == "Conv" and "conv" in options.ops and len(inputs) >= 2:
-        w = inputs[1]
-        if (isinstance(w, gs.Constant) and len(w.shape) >= 3 and int(node.attrs.get("group", 1)) == 1
-                and isinstance(inputs[0], gs.Variable)):
-            # a k x k conv's Tucker-2 needs the channel Gram sum x x^T over all input pixels, which
-            # describes the input-channel mode whatever the pads and strides; a strided or padded
-            # 1x1's rows are its (1x1) patches
-            return inputs[0], 1, w
-    return None
-
-
-def _pointwise(node: gs.Node) -> bool:
-    """A 1x1 conv sees every input pixel once only without strides and pads; otherwise the Gram of
-    its input is not the Gram of the rows it multiplies."""
-    return (all(s == 1 for s in node.attrs.get("strides", [1])) and not any(node.attrs.get("pads", [0]))
-            and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID", b"NOTSET", b"VALID"))
 
 
 # --- the run ------------------------------------------------------------------------------------

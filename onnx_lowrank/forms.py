@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .numerics.conv_attrs import conv_attrs
+
 METHODS = ("dense", "svd", "tucker2", "branched-tucker", "spatial-svd")
 
 
@@ -89,7 +91,7 @@ def conv_chain(weight_shape: tuple[int, ...], attrs: dict, form: Form) -> list[C
     elif form.method == "spatial-svd":
         (r,) = form.ranks
         kh, kw = kernel
-        first, second = _spatial_attrs(attrs)
+        first, second = _spatial_attrs(attrs, (kh, kw))
         chain = [ChainConv("v", (r, in_ch, kh, 1), first), ChainConv("h", (out_ch, r, 1, kw), second)]
     else:
         raise ValueError(f"unknown method {form.method!r}")
@@ -99,17 +101,17 @@ def conv_chain(weight_shape: tuple[int, ...], attrs: dict, form: Form) -> list[C
     return chain
 
 
-def _spatial_attrs(attrs: dict) -> tuple[dict, dict]:
+def _spatial_attrs(attrs: dict, kernel: tuple[int, int]) -> tuple[dict, dict]:
     """The vertical conv takes the row stride, dilation and pads; the horizontal one the columns'.
     Exact: the horizontal conv's padded columns are zero columns of the vertical conv's output,
     which has no bias, just as the dense conv's are zero columns of the input."""
-    (sh, sw), (dh, dw) = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
+    conv = conv_attrs(attrs, kernel)
+    (sh, sw), (dh, dw) = conv.strides, conv.dilations
     first = {"kernel_shape": [], "strides": [sh, 1], "dilations": [dh, 1]}
     second = {"kernel_shape": [], "strides": [1, sw], "dilations": [1, dw]}
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID"):
-        first["auto_pad"] = second["auto_pad"] = auto_pad   # SAME_* pads each axis from its own kernel
+    if conv.same_padded:
+        first["auto_pad"] = second["auto_pad"] = conv.auto_pad   # SAME_* pads each axis from its own kernel
     else:
-        top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+        top, left, bottom, right = conv.pads
         first["pads"], second["pads"] = [top, 0, bottom, 0], [0, left, 0, right]
     return first, second

@@ -234,13 +234,10 @@ def load_samples(path: str | os.PathLike, specs: list[InputSpec]) -> tuple[list[
     models/digits_test.npz), and a note says so. Arrays are cast to the input's dtype within a
     kind (float64 -> float32), never across kinds (float -> int is an error).
     """
-    arrays = _read_npz(path)
+    arrays = read_npz(path, "--inputs")
     flag = f"--inputs {path}"
     names = [s.name for s in specs]
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise OptionError(f"{flag}: no array for input {', '.join(map(repr, missing))} "
-                          f"(file has {', '.join(map(repr, arrays)) or 'no arrays'})")
+    check_every_input(arrays, names, path, "--inputs")
     notes = []
     extra = [k for k in arrays if k not in names]
     if extra:
@@ -275,9 +272,10 @@ def load_samples(path: str | os.PathLike, specs: list[InputSpec]) -> tuple[list[
     return [{name: per_input[name][i] for name in names} for i in range(count)], notes
 
 
-def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike, flag: str) -> dict[str, np.ndarray]:
+    """The named arrays of the .npz file that `flag` (--inputs, --calibration) gave."""
     if not Path(path).is_file():
-        raise OptionError(f"--inputs: file '{path}' does not exist")
+        raise OptionError(f"{flag}: file '{path}' does not exist")
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
@@ -285,7 +283,15 @@ def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError) as exc:
-        raise OptionError(f"--inputs: '{path}' is not a readable .npz file ({first_line(exc)})") from None
+        raise OptionError(f"{flag}: '{path}' is not a readable .npz file ({first_line(exc)})") from None
+
+
+def check_every_input(arrays: dict[str, np.ndarray], names: list[str], path: str | os.PathLike, flag: str) -> None:
+    """Every model input has its array in the file."""
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise OptionError(f"{flag}: '{path}' has no array for input {', '.join(map(repr, missing))} "
+                          f"(keys: {', '.join(arrays) or 'none'}; expected one per model input: {', '.join(names)})")
 
 
 def _fits(shape: list[int], model_shape: list[int | str | None]) -> bool:

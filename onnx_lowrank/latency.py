@@ -88,11 +88,9 @@ class LayerLatency:
         return ms
 
     def _time_in_ort(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
-        from . import runtime
-
         session = runtime.make_session(model, runtime.SessionConfig(provider=self.provider, threads=self.threads,
                                                                      spinning=False))
-        return block_ms(lambda: session.run(None, feeds), self.settings)
+        return block_ms(runtime.runner(session, feeds), self.settings)
 
 
 def latency_for(options) -> LayerLatency | None:

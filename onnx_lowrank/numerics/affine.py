@@ -12,11 +12,12 @@ the same windows).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
+
+from .conv_attrs import ConvAttrs, conv_attrs
 
 MATRIX, CONV = "matrix", "conv"
 #: attributes that place a conv's kernel on its input; two convs add only where they agree
@@ -40,7 +41,7 @@ class Affine:
 
     @property
     def stride(self) -> int:
-        return math.prod(self.geometry.get("strides", [1]))
+        return conv_attrs(self.geometry).stride
 
     @property
     def pointwise(self) -> bool:
@@ -110,7 +111,7 @@ def add(a: Affine, b: Affine) -> Affine | str:
         a, b = embedded, big
     if a.kind != b.kind or a.weight.shape != b.weight.shape:
         return f"weights {list(a.weight.shape)} and {list(b.weight.shape)} differ in shape"
-    if a.kind == CONV and _geometry(a.geometry) != _geometry(b.geometry):
+    if a.kind == CONV and _placement(a) != _placement(b):
         return "the convs differ in strides, pads or dilations"
     return replace(a, weight=a.weight + b.weight, bias=_sum_bias(a.bias, b.bias))
 
@@ -119,13 +120,13 @@ def _embed_kernel(small: Affine, big: Affine) -> Affine | None:
     """small's kernel zero-padded to big's size (RepVGG's 1x1 inside a 3x3), where that reads the
     same input pixels: same strides and group, no dilation or auto_pad, and pads that differ by
     exactly the kernel offset on each side."""
-    gs_, gb = _geometry(small.geometry), _geometry(big.geometry)
-    if any(k in g for g in (gs_, gb) for k in ("dilations", "auto_pad")):
+    at_small, at_big = _placement(small), _placement(big)
+    if any(a.dilated or a.same_padded for a in (at_small, at_big)):
         return None
-    if gs_.get("strides") != gb.get("strides") or gs_.get("group", 1) != gb.get("group", 1):
+    if at_small.strides != at_big.strides or at_small.group != at_big.group:
         return None
     spatial = big.weight.ndim - 2
-    ps, pb = gs_.get("pads", [0] * 2 * spatial), gb.get("pads", [0] * 2 * spatial)
+    ps, pb = at_small.pads, at_big.pads
     index = [slice(None), slice(None)]
     for axis, (k_small, k_big) in enumerate(zip(small.weight.shape[2:], big.weight.shape[2:])):
         begin, end = pb[axis] - ps[axis], pb[axis + spatial] - ps[axis + spatial]
@@ -148,26 +149,17 @@ def _sum_bias(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return a + b
 
 
-def _geometry(attrs: dict) -> dict:
-    """Attributes normalized to what they mean, so that pads=[0,0,0,0] equals no pads."""
-    out = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in attrs.items() if k in GEOMETRY}
-    if out.get("auto_pad", "NOTSET") in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
-        out.pop("auto_pad", None)
-    for key, neutral in (("pads", 0), ("strides", 1), ("dilations", 1)):
-        if key in out and all(v == neutral for v in out[key]):
-            del out[key]
-    if out.get("group", 1) == 1:
-        out.pop("group", None)
-    return out
+def _placement(conv: Affine) -> ConvAttrs:
+    """A conv map's attributes as what they mean, so that pads=[0,0,0,0] equals no pads."""
+    return conv_attrs(conv.geometry, conv.weight.shape[2:])
 
 
 def conv_group(attrs: dict) -> int:
-    return int(attrs.get("group", 1))
+    return conv_attrs(attrs).group
 
 
 def padded(attrs: dict) -> bool:
-    g = _geometry(attrs)
-    return "pads" in g or "auto_pad" in g
+    return conv_attrs(attrs).padded
 
 
 def representable(affine: Affine, dtype: np.dtype) -> bool:

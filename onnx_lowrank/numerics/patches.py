@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .conv_attrs import conv_attrs
+
 
 @dataclass(frozen=True)
 class ConvWindow:
@@ -24,12 +26,10 @@ class ConvWindow:
     @classmethod
     def from_attrs(cls, kernel: tuple[int, ...], attrs: dict) -> "ConvWindow | None":
         """None where the window is not plain: 1-D / 3-D kernels, groups, SAME_* auto-padding."""
-        auto_pad = attrs.get("auto_pad", "NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if len(kernel) != 2 or int(attrs.get("group", 1)) != 1 or auto_pad not in ("NOTSET", "VALID"):
+        conv = conv_attrs(attrs, kernel)
+        if len(kernel) != 2 or conv.group != 1 or conv.same_padded:
             return None
-        pads = tuple(attrs.get("pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else (0, 0, 0, 0)
-        return cls(tuple(kernel), tuple(attrs.get("strides", [1, 1])), pads, tuple(attrs.get("dilations", [1, 1])))
+        return cls(conv.kernel, conv.strides, conv.pads, conv.dilations)
 
 
 def conv_patches(x: np.ndarray, window: ConvWindow) -> np.ndarray:

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from ..forms import DENSE, Form, LayerGeometry
 from ..numerics import ranks as R
+from ..numerics.conv_attrs import conv_attrs
 from ..numerics.branched_tucker import BlockTerms, branched_tucker, branched_tucker_macs
 from ..numerics.spatial_svd import spatial_spectrum, spatial_svd, spatial_svd_macs
 from ..numerics.svd import relative_error_by_rank
@@ -126,7 +127,7 @@ def plan_conv(context: PassContext, node: gs.Node, w: np.ndarray, geometry: Laye
     """The form to rewrite w [O, I, *k] into, every form refused and why, and the Tucker-2 rank
     decision (its break-even and largest paying rank are the layer's, for the report)."""
     kernel_dims = list(w.shape[2:])
-    stride = math.prod(node.attrs.get("strides", [1] * len(kernel_dims)))
+    stride = conv_attrs(node.attrs, kernel_dims).stride
     bases = channel_bases(w)
     name = layer_name(node)
     gram = context.grams.get(name)
@@ -276,7 +277,7 @@ def _plan_spatial(layer: _Layer) -> ConvPlan | Refusal:
     if layer.w.ndim != 4:
         return Refusal("spatial-svd", "needs a 2-D kernel")
     o, i, kh, kw = layer.w.shape
-    strides = list(layer.attrs.get("strides", [1, 1]))
+    strides = conv_attrs(layer.attrs, (kh, kw)).strides
     s = spatial_spectrum(layer.w)
     errors = relative_error_by_rank(s)
     rank = R.rank_for_spectrum(s, options.rank_rule)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ..forms import LayerGeometry
+from ..numerics.conv_attrs import conv_attrs
 from .base import PassContext
 
 
@@ -40,10 +41,6 @@ def conv_geometry(context: PassContext, node: gs.Node, weight_shape: tuple[int, 
     shape = input_shape(context, node.inputs[0])
     if shape is None:
         return None
-    nd = len(weight_shape) - 2
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    return LayerGeometry("conv", shape, tuple(weight_shape),
-                         strides=tuple(node.attrs.get("strides", [1] * nd)),
-                         pads=tuple(node.attrs.get("pads", [0] * 2 * nd)) if auto_pad in ("NOTSET", "VALID") else (),
-                         dilations=tuple(node.attrs.get("dilations", [1] * nd)),
-                         auto_pad=auto_pad if auto_pad != "VALID" else "NOTSET")
+    conv = conv_attrs(node.attrs, weight_shape[2:])
+    return LayerGeometry("conv", shape, tuple(weight_shape), strides=conv.strides, pads=conv.pads,
+                         dilations=conv.dilations, auto_pad=conv.auto_pad)

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..numerics.affine import CONV, GEOMETRY, MATRIX, Affine, conv_group, padded
+from ..numerics.conv_attrs import conv_attrs
 from .base import PassContext, factor_constant, layer_name, new_name
 
 LINEAR = ("MatMul", "Gemm", "Conv")
@@ -68,7 +69,7 @@ class Unit:
 
     @property
     def stride(self) -> int:
-        return math.prod(self.geometry.get("strides", [1]))
+        return conv_attrs(self.geometry).stride
 
     @property
     def pointwise(self) -> bool:

@@ -21,12 +21,13 @@ import onnx_graphsurgeon as gs
 
 from ..forms import Form, conv_chain
 from ..numerics import ranks as R
+from ..numerics.conv_attrs import conv_attrs
 from ._conv_forms import plan_conv
 from ._geometry import conv_geometry
 from ._matrix import factorize_matrix, record_measurement, shared_constants
 from ._weights import prior_choice, record_choice
-from .base import (LayerRecord, PassContext, PassResult, apply_to_nodes, constant_weight, layer_name, new_name,
-                   output_positions, weight_type_problem)
+from .base import LayerRecord, PassContext, PassResult, apply_to_nodes, layer_name, new_name, output_positions
+from .candidates import match
 
 NAME = "decompose_conv"
 
@@ -36,25 +37,16 @@ def decompose_conv(graph: gs.Graph, context: PassContext) -> PassResult:
 
 
 def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:
-    if node.op != "Conv" or len(node.inputs) < 2:
+    candidate = match(node, context.options) if node.op == "Conv" else None
+    if candidate is None:
         return None
-    weight = constant_weight(node, 1)
-    if weight is None or len(weight.shape) < 3:
-        return None
-    name = layer_name(node)
+    weight, name = candidate.weight, candidate.name
     context.on_layer(name)
     record = LayerRecord(name=name, op="Conv", pass_name=NAME, weight_shape=list(weight.shape), status="skipped",
                          params_before=math.prod(weight.shape),
                          positions=output_positions(context, node, 1))
-    group = int(node.attrs.get("group", 1))
-    if group != 1:
-        record.reason = f"group={group}: grouped and depthwise convs are left alone"
-        return record
-    if not context.options.selects(name):
-        record.reason = "excluded by --include/--exclude"
-        return record
-    if problem := weight_type_problem(weight):
-        record.reason = problem
+    if candidate.refusal:
+        record.reason = candidate.refusal
         return record
     if all(d == 1 for d in weight.shape[2:]):
         _rewrite_1x1(graph, node, weight, record, context)
@@ -83,7 +75,7 @@ def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
                  context: PassContext) -> None:
     w = weight.values
     out_ch, in_ch, *kernel_dims = w.shape
-    stride = math.prod(node.attrs.get("strides", [1] * len(kernel_dims)))
+    stride = conv_attrs(node.attrs, kernel_dims).stride
     record.params_before = w.size
     record.macs_before = R.tucker2_macs(out_ch, in_ch, math.prod(kernel_dims), stride)
     prior = prior_choice(context, weight)

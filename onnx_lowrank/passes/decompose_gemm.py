@@ -17,8 +17,8 @@ import onnx_graphsurgeon as gs
 
 from ._geometry import matmul_geometry
 from ._matrix import factorize_matrix, shared_constants
-from .base import (LayerRecord, PassContext, PassResult, apply_to_nodes, constant_weight, layer_name, new_name,
-                   output_positions, weight_type_problem)
+from .base import LayerRecord, PassContext, PassResult, apply_to_nodes, new_name, output_positions
+from .candidates import match
 
 NAME = "decompose_gemm"
 DEFAULT_OPSET = 11   # a model without a default-domain opset import
@@ -29,23 +29,18 @@ def decompose_gemm(graph: gs.Graph, context: PassContext) -> PassResult:
 
 
 def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:
-    if node.op != "Gemm" or len(node.inputs) < 2:
+    candidate = match(node, context.options) if node.op == "Gemm" else None
+    if candidate is None:
         return None
-    weight = constant_weight(node, 1, 2)
-    if weight is None or constant_weight(node, 0) is not None:
-        return None
-    name = layer_name(node)
+    weight, name = candidate.weight, candidate.name
     context.on_layer(name)
     trans_a = int(node.attrs.get("transA", 0))
     trans_b = int(node.attrs.get("transB", 0))
     record = LayerRecord(name=name, op="Gemm", pass_name=NAME, weight_shape=list(weight.shape), status="skipped",
                          params_before=math.prod(weight.shape),
                          positions=output_positions(context, node, -1))
-    if not context.options.selects(name):
-        record.reason = "excluded by --include/--exclude"
-        return record
-    if problem := weight_type_problem(weight):
-        record.reason = problem
+    if candidate.refusal:
+        record.reason = candidate.refusal
         return record
     w = weight.values.T if trans_b else weight.values   # [K, N] as applied
     geometry = matmul_geometry(context, node.inputs[0], *w.shape, transposed_input=bool(trans_a))

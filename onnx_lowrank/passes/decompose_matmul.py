@@ -14,8 +14,8 @@ import onnx_graphsurgeon as gs
 
 from ._geometry import matmul_geometry
 from ._matrix import factorize_matrix, shared_constants
-from .base import (LayerRecord, PassContext, PassResult, apply_to_nodes, constant_weight, layer_name, new_name,
-                   output_positions, weight_type_problem)
+from .base import LayerRecord, PassContext, PassResult, apply_to_nodes, new_name, output_positions
+from .candidates import match
 
 NAME = "decompose_matmul"
 
@@ -25,33 +25,26 @@ def decompose_matmul(graph: gs.Graph, context: PassContext) -> PassResult:
 
 
 def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord | None:
-    if node.op != "MatMul" or len(node.inputs) != 2:
+    candidate = match(node, context.options) if node.op == "MatMul" else None
+    if candidate is None:
         return None
-    left, right = constant_weight(node, 0, 2), constant_weight(node, 1, 2)
-    if (left is None) == (right is None):
-        return None  # activations on both sides (attention), or constants on both (constant folding's job)
-    weight_first = left is not None
-    weight = left if weight_first else right
-    name = layer_name(node)
+    weight, weight_first, name = candidate.weight, candidate.weight_first, candidate.name
     context.on_layer(name)
     record = LayerRecord(name=name, op="MatMul", pass_name=NAME, weight_shape=list(weight.shape), status="skipped",
                          params_before=math.prod(weight.shape),
                          positions=output_positions(context, node, -2 if weight_first else -1))
-    if not context.options.selects(name):
-        record.reason = "excluded by --include/--exclude"
-        return record
-    if problem := weight_type_problem(weight):
-        record.reason = problem
+    if candidate.refusal:
+        record.reason = candidate.refusal
         return record
     w = weight.values
-    geometry = matmul_geometry(context, node.inputs[int(weight_first)], *w.shape, weight_first=weight_first)
+    geometry = matmul_geometry(context, candidate.x, *w.shape, weight_first=weight_first)
     factors = factorize_matrix(context, weight, w, record, input_axis=int(weight_first), geometry=geometry)
     if factors is None:
         return record
     rank = record.rank[0]
     consts = shared_constants(graph, context, weight, ("matmul", rank), {"a": factors.first, "b": factors.second},
                               record)
-    x, y = node.inputs[int(weight_first)], node.outputs[0]
+    x, y = candidate.x, node.outputs[0]
     hidden = gs.Variable(new_name(context, f"{name}_lowrank_hidden"), dtype=y.dtype)
     if weight_first:   # y = A (B x)
         first = gs.Node("MatMul", new_name(context, f"{name}_lowrank_b"), inputs=[consts["b"], x], outputs=[hidden])
