@@ -32,6 +32,7 @@ from .numerics.tucker import channel_bases
 from .options import Options
 from .passes import PassContext, pipeline
 from .passes._geometry import conv_geometry, matmul_geometry
+from .passes.base import RewriteState
 from .passes.base import layer_name, walk_graphs
 from .passes.candidates import Candidate, match
 
@@ -79,7 +80,8 @@ def analyze_model(model: onnx.ModelProto | str | os.PathLike, options: Options |
     original = model if isinstance(model, onnx.ModelProto) else load_model(model)
     shapes, notes = infer_output_shapes(original, options.shape, options.batch)
     graph = import_graph(original)
-    context = PassContext(options, shapes, names={t for t in graph.tensors()} | {n.name for n in graph.nodes})
+    context = PassContext(options, shapes,
+                          state=RewriteState(names={t for t in graph.tensors()} | {n.name for n in graph.nodes}))
     for entry in pipeline(options):
         if entry.stage == "normalize":
             entry.run(graph, context)

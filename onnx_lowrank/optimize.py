@@ -3,6 +3,7 @@ check -> validate. Saving is the caller's (the CLI, or the user with onnx_lowran
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from .latency import latency_for
 from .options import Options
 from .parity import check_parity
 from .passes import PIPELINE, PassContext, pipeline
+from .passes.base import RewriteState
 from .report import Report
 from .runtime import SessionConfig
 
@@ -73,21 +75,22 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
         report.notes.append("quantized ops left alone: " + ", ".join(f"{n} {op}" for op, n in quantized.items()))
     graph = import_graph(original)
     context = PassContext(options, output_shapes, on_layer=on_layer or (lambda name: None),
-                          names={t for t in graph.tensors()} | {n.name for n in graph.nodes},
-                          latency=latency_for(options))
+                          latency=latency_for(options),
+                          state=RewriteState(names={t for t in graph.tensors()} | {n.name for n in graph.nodes}))
     entries = pipeline(options)
     rewrites = [e for e in entries if e.stage != "normalize"]
     _run_passes([e for e in entries if e.stage == "normalize"], graph, context, report)
-    plan = data_aware.prepare(graph, original, context, [e for e in rewrites if e.stage == "decompose"], report,
-                              on_calibration)
-    snapshot = data_aware.Snapshot(graph.copy(), set(context.names)) if plan is None else plan.snapshot
+    plan, context = data_aware.prepare(graph, original, context, [e for e in rewrites if e.stage == "decompose"],
+                                       report, on_calibration)
+    snapshot = data_aware.Snapshot(graph.copy(), set(context.state.names)) if plan is None else plan.snapshot
     _run_passes(rewrites, graph, context, report)
     if latency_note := getattr(context.latency, "describe", lambda: "")():
         report.notes.append(latency_note)
 
     optimized = original
     if _worth_writing(report):
-        optimized = _within_bytes(export_graph(graph, original), original, snapshot, context, rewrites, report)
+        optimized, context = _within_bytes(export_graph(graph, original), original, snapshot, context, rewrites,
+                                           report)
     if plan is not None and optimized is not original:
         optimized = data_aware.finish(plan, original, optimized, context, rewrites, report, on_calibration)
     if optimized is not original and weight_bytes(optimized) > weight_bytes(original):
@@ -151,31 +154,33 @@ def _measure_sizes(report: Report, original: onnx.ModelProto, optimized: onnx.Mo
 
 
 def _within_bytes(optimized: onnx.ModelProto, original: onnx.ModelProto, snapshot, context: PassContext,
-                  entries: list, report: Report) -> onnx.ModelProto:
+                  entries: list, report: Report) -> tuple[onnx.ModelProto, PassContext]:
     """A lossy rule never grows the model: a weight whose factors take more bytes than the weight
     frees (it stays in the model for a reader that keeps it dense, or the factors outweigh it) is
     kept dense by all its readers, and the model rewritten once without it."""
     if weight_bytes(optimized) <= weight_bytes(original):
-        return optimized
+        return optimized, context
     present = tensor_names(optimized)
     readers: dict[str, list] = {}
     for record in report.decomposed:
         if record.weight is not None:
             readers.setdefault(record.weight, []).append(record)
+    dense = {}
     for source, records in readers.items():
         added = sum(r.factor_bytes or 0 for r in records)
         freed = 0 if source in present else (records[0].weight_bytes or 0)
         if added > freed:
             why = (f"kept dense: its factors ({added:,} B) would outweigh what they free of weight '{source}' "
                    f"({freed:,} B{'; another reader keeps it' if source in present else ''})")
-            context.dense.update({r.name: why for r in records})
-    if not context.dense:
-        return optimized   # the growth is not a weight's factors: the check after the rewrite falls back
-    rewritten, records = data_aware.rewrite_snapshot(snapshot, original, context, entries, context.ranks)
+            dense.update({r.name: why for r in records})
+    if not dense:
+        return optimized, context   # the growth is not a weight's factors: the check after the rewrite falls back
+    context = dataclasses.replace(context, layers=context.layers.with_(dense={**context.layers.dense, **dense}))
+    rewritten, records = data_aware.rewrite_snapshot(snapshot, original, context, entries, context.layers.ranks)
     data_aware.replace_records(report, records)
-    report.notes.append(f"{len(context.dense)} layers kept dense so that the model does not grow (shared or "
+    report.notes.append(f"{len(dense)} layers kept dense so that the model does not grow (shared or "
                         "16-bit weights whose factors would add bytes)")
-    return rewritten
+    return rewritten, context
 
 
 def _not_slower(reference, optimized: onnx.ModelProto, original: onnx.ModelProto, model, plan, hints,

@@ -1,9 +1,9 @@
 """The data-aware path of optimize, as stages in the order they run around the decompose passes:
 
     prepare (before decompose)
-      1. calibrate   calibrate.py  Gram matrices of the candidate layers' inputs -> context.grams
+      1. calibrate   calibrate.py  Gram matrices of the candidate layers' inputs -> LayerPlan.grams
       2. allocate    allocate.py   spectra, sensitivities, time share, one global allocation for
-                                   --target-*                                    -> context.ranks
+                                   --target-*                                    -> LayerPlan.ranks
     the decompose passes rewrite the graph (whitened SVD / Tucker-2 where a Gram is known)
     finish (after the first rewrite)
       3. meet_speedup  speed.py     --target-speedup measured, re-allocated while short
@@ -17,6 +17,7 @@ Without --calibration and without a target nothing here runs and the passes foll
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import onnx
@@ -40,23 +41,27 @@ WEIGHT_ONLY_NOTE = ("weight-only truncation (no --calibration): on trained model
 
 
 def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, decompose: list[PassEntry],
-            report: Report, on_batch: Callable[[int], None] | None = None) -> DataPlan | None:
-    """Stages 1 and 2 on `graph` (normalized, not yet decomposed): fills context.grams and
-    context.ranks. None when neither --calibration nor a target is given."""
+            report: Report, on_batch: Callable[[int], None] | None = None
+            ) -> tuple[DataPlan | None, PassContext]:
+    """Stages 1 and 2 on `graph` (normalized, not yet decomposed): the plan, and the context the
+    decompose passes then run with (its LayerPlan holds the Grams and the allocated ranks). No plan
+    when neither --calibration nor a target is given."""
     options = context.options
     if options.calibration is None and options.target is None:
-        return None
-    plan = DataPlan(graph.copy(), set(context.names), export_graph(graph.copy(), original))
-    context.decompositions = {}   # the survey, the allocation and the back-off reuse each layer's SVD
+        return None, context
+    plan = DataPlan(graph.copy(), set(context.state.names), export_graph(graph.copy(), original))
+    # the survey, the allocation, the rewrites and the back-off share each layer's SVD
+    context = dataclasses.replace(context, cache={})
     report.data_aware = outcome = DataAwareOutcome()
     positions = None
     if options.calibration is not None:
-        context.grams, positions, outcome.calibration = _calibrate.calibrate(plan, graph, context, on_batch)
+        grams, positions, outcome.calibration = _calibrate.calibrate(plan, graph, context, on_batch)
+        context = dataclasses.replace(context, layers=context.layers.with_(grams=grams))
         report.notes.append(_calibrate.describe(outcome.calibration))
     if options.target is not None:
         outcome.allocation = _allocate.allocate(plan, graph, original, context, decompose, positions, report.notes)
-        context.ranks = dict(plan.allocation.ranks)
-    return plan
+        context = dataclasses.replace(context, layers=context.layers.with_(ranks=dict(plan.allocation.ranks)))
+    return plan, context
 
 
 def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
@@ -64,7 +69,7 @@ def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
            ) -> onnx.ModelProto:
     """Stages 3, 4 and 5 on the rewritten model."""
     outcome = report.data_aware
-    optimized, outcome.speed = _speed.meet_speedup(plan, original, optimized, context, entries, report)
+    optimized, context, outcome.speed = _speed.meet_speedup(plan, original, optimized, context, entries, report)
     optimized, context, outcome.correction = _correct.correct(plan, original, optimized, context, entries, report,
                                                               on_batch)
     optimized, outcome.gate = _back_off.back_off(plan, original, optimized, context, entries, report)

@@ -62,12 +62,13 @@ def allocate(plan: DataPlan, graph: gs.Graph, original: onnx.ModelProto, context
 def survey(graph: gs.Graph, context: PassContext, decompose: list[PassEntry]) -> list[Spectrum]:
     """Every matrix layer's and Tucker-2 conv's spectrum, measured by the decompose passes on a copy
     that they leave unchanged (they only record in survey mode); the SVDs are kept for the rewrite."""
-    probe = dataclasses.replace(context, survey={}, names=set(context.names), factors={}, choices={},
+    probe = dataclasses.replace(context, state=context.state.fresh(survey={}),
                                 on_layer=lambda name: None)
     copy = graph.copy()
     for entry in decompose:
         entry.run(copy, probe)
-    return list(probe.survey.values())
+    return list(probe.state.survey.values())
+
 
 def _per_sample(spectrum: Spectrum, positions: dict[str, float]) -> Spectrum:
     """Costs per calibration sample, the unit the calibration counted rows in: a matrix layer's
@@ -96,7 +97,7 @@ def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContex
                 or isinstance(node.inputs[0], gs.Constant)):
             return None
         grid = rank_grid(spectrum, context.options.rounding_multiple)
-        if grid and spectrum.name in context.decompositions:
+        if grid and spectrum.name in context.cache:
             probes.append((spectrum, node, grid[len(grid) // 2]))
     dtypes = {np.dtype(node.inputs[1].values.dtype) for _, node, _ in probes}
     if not probes or len(dtypes) != 1:
@@ -105,7 +106,7 @@ def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContex
     selector = gs.Variable(unique_name(names, "lowrank_probe_selector"), dtype=dtype, shape=[len(probes)])
     graph.inputs.append(selector)
     for i, (spectrum, node, rank) in enumerate(probes):
-        first, second = context.decompositions[spectrum.name].factors(rank)
+        first, second = context.cache[spectrum.name].factors(rank)
         x, y = node.inputs[0], node.outputs[0]
         dense, hidden, low, moved, scale, scaled = (
             gs.Variable(unique_name(names, f"{y.name}_probe_{part}"), dtype=y.dtype)

@@ -64,7 +64,7 @@ def describe(outcome: GateOutcome) -> str:
 
 def _rank_rule_path(report: Report) -> list[tuple[str, int | tuple[int, ...]]]:
     """The rank rule's layers, least damaging first: SVD layers by their rank, Tucker-2 convs by
-    their (r_out, r_in) (context.ranks' two forms)."""
+    their (r_out, r_in) (LayerPlan.ranks' two forms)."""
     done = [r for r in report.decomposed if r.method in ("svd", "whitened-svd")
             or (r.method in ("tucker2", "whitened-tucker2") and tucker2(r))]
     done.sort(key=lambda r: r.activation_error if r.activation_error is not None else (r.weight_error or 0.0))

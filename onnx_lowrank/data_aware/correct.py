@@ -51,44 +51,50 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
     depths = layer_depths(plan.normalized, {s.layer for s in specs})
     final = {r.name: plan_rank(r) for r in fitted.values() if r.name in depths}
     # the allocation's choices stand (layers it kept dense stay dense), the rank rule's are fixed
-    ranks = {**context.ranks, **{r.name: r.rank[0] for r in report.decomposed
-                                 if r.method in ("svd", "whitened-svd") and matrix_layer(r)}}
-    corrected = dataclasses.replace(context, grams=dict(context.grams), cross_grams={}, patch_grams={},
-                                    decompositions={})
+    ranks = {**context.layers.ranks, **{r.name: r.rank[0] for r in report.decomposed
+                                        if r.method in ("svd", "whitened-svd") and matrix_layer(r)}}
+    # this stage owns what it refits with: the Grams, cross Grams and patch Grams on the compressed
+    # model's inputs, and its own cache of factorizations (the first pass's were fitted elsewhere)
+    grams, cross_grams, patch_grams, cache = dict(context.layers.grams), {}, {}, {}
+    corrected = dataclasses.replace(context, cache=cache, layers=context.layers.with_(
+        grams=grams, cross_grams=cross_grams, patch_grams=patch_grams))
     for depth in sorted(set(depths.values())):
         level = [s for s in specs if depths[s.layer] == depth]
         partial = {**ranks, **{name: (rank if depths[name] < depth else None) for name, rank in final.items()}}
         model = plan.reference if depth == min(depths.values()) else rewrite(plan, original, corrected, entries, partial)[0]
-        _drop_superseded(corrected, context, [name for name in final if depths[name] < depth])
+        _drop_superseded(cache, (grams, cross_grams, context.layers.grams),
+                         [name for name in final if depths[name] < depth])
         pairs = collect_cross_grams(plan.reference, model, level, plan.data, stop=plan.fit_stop,
                                     provider=options.provider, on_batch=on_batch)
         for spec in level:
             gram, cross = pairs[spec.layer]
             if tucker2(fitted[spec.layer]):
-                corrected.patch_grams[spec.layer] = (gram, cross)
+                patch_grams[spec.layer] = (gram, cross)
             else:
-                corrected.grams[spec.layer], corrected.cross_grams[spec.layer] = gram, cross
-            corrected.decompositions.pop(spec.layer, None)   # factorized before with the first-pass Gram
+                grams[spec.layer], cross_grams[spec.layer] = gram, cross
+            cache.pop(spec.layer, None)   # factorized before with the first-pass Gram
     ranks.update(final)
     model, records = rewrite(plan, original, corrected, entries, ranks)
     replace_records(report, records)
     outcome = CorrectionOutcome(len(specs), len(set(depths.values())))
     report.notes.append(describe(outcome))
-    return model, dataclasses.replace(corrected, ranks=ranks), outcome
+    return model, dataclasses.replace(corrected, layers=corrected.layers.with_(ranks=ranks)), outcome
 
 
 def describe(outcome: CorrectionOutcome) -> str:
     return (f"error correction: {outcome.layers} layers refitted to the original outputs, depth by depth "
             f"({outcome.depths} passes over the calibration samples), on the inputs they see in the compressed model")
 
-def _drop_superseded(corrected: PassContext, first: PassContext, layers: list[str]) -> None:
+
+def _drop_superseded(cache: dict, grams: tuple[dict, ...], layers: list[str]) -> None:
     """Free the Grams of matrix layers whose corrected factorization is cached (the rewrites from
     here on read the cache): BERT-base holds ~1 GB of first-pass Grams and as much again of each of
     the corrected Grams and cross Grams, which a depth-by-depth sweep would otherwise all keep."""
     for name in layers:
-        if name in corrected.decompositions:
-            for grams in (corrected.grams, corrected.cross_grams, first.grams):
-                grams.pop(name, None)
+        if name in cache:
+            for held in grams:
+                held.pop(name, None)
+
 
 def layer_depths(graph: gs.Graph, layers: set[str]) -> dict[str, int]:
     """layer -> 1 + the most `layers` on any path from the graph inputs to it: layers of one depth

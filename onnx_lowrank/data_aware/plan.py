@@ -4,7 +4,6 @@ ranks. Each stage reads the plan and returns a value; none of them edits another
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -66,8 +65,7 @@ def rewrite_snapshot(snapshot: Snapshot, original: onnx.ModelProto, context: Pas
     """The passes on a fresh copy of the normalized graph, with these ranks (and the context's
     layers kept dense)."""
     graph = snapshot.normalized.copy()
-    fresh = dataclasses.replace(context, ranks=ranks, names=set(snapshot.names), factors={}, choices={}, survey=None,
-                                on_layer=lambda name: None)
+    fresh = context.rewriting(context.layers.with_(ranks=ranks), names=snapshot.names, on_layer=lambda name: None)
     records = {entry.name: entry.run(graph, fresh).records for entry in entries}
     return export_graph(graph, original), records
 
@@ -79,15 +77,15 @@ def replace_records(report: Report, records: dict[str, list[LayerRecord]]) -> No
         report.passes[name] = sum(r.status != "skipped" for r in pass_records)
 
 def tucker2(record: LayerRecord) -> bool:
-    """A conv factorized as Tucker-2 (ranks (r_out, r_in), context.ranks' tuple form)."""
+    """A conv factorized as Tucker-2 (ranks (r_out, r_in), LayerPlan.ranks' tuple form)."""
     return record.op == "Conv" and record.rank is not None and len(record.rank) == 2
 
 def plan_rank(record: LayerRecord) -> int | tuple[int, ...]:
-    """A decomposed layer's rank as context.ranks holds it."""
+    """A decomposed layer's rank as LayerPlan.ranks holds it."""
     return tuple(record.rank) if tucker2(record) else record.rank[0]
 
 def matrix_layer(record: LayerRecord) -> bool:
-    """Factorized by one SVD, with one rank (context.ranks' int): MatMul, Gemm, 1x1 Conv."""
+    """Factorized by one SVD, with one rank (LayerPlan.ranks' int): MatMul, Gemm, 1x1 Conv."""
     return record.op != "Conv" or all(d == 1 for d in record.weight_shape[2:])
 
 def count(batches: list[dict]) -> int:

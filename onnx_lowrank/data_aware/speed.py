@@ -4,6 +4,8 @@ optimize's never-slower check uses."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 
 from ..bench import TimingPlan, bench
@@ -20,7 +22,8 @@ SPEED_ROUNDS = 3
 SPEED_PLAN = TimingPlan(warmup_s=0.1, blocks=10, max_blocks=30)
 
 def meet_speedup(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
-                 entries: list[PassEntry], report: Report) -> tuple[onnx.ModelProto, SpeedOutcome | None]:
+                 entries: list[PassEntry], report: Report
+                 ) -> tuple[onnx.ModelProto, PassContext, SpeedOutcome | None]:
     """--target-speedup S, measured: time the rewritten model against the original (on the first
     calibration batch, the inputs the layer times were profiled on). The MAC ratio came from the
     layers' profiled share of the run time and assumes their time scales with their MACs; where the
@@ -30,7 +33,7 @@ def meet_speedup(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.Mode
     timings are off without it) and a model that changed."""
     options = context.options
     if plan.flop_ratio is None or not options.measure or optimized is original:
-        return optimized, None
+        return optimized, context, None
     target, share = options.target_speedup, plan.time_fraction
     ratio, measured = plan.flop_ratio, _measured_speedup(original, optimized, plan, options)
     rounds = [[measured, ratio]]
@@ -46,14 +49,14 @@ def meet_speedup(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.Mode
         if allocation.ranks == plan.allocation.ranks:
             break                      # at the lowest ranks the layers allow
         plan.allocation = allocation
-        context.ranks = dict(allocation.ranks)
-        optimized, records = rewrite(plan, original, context, entries, context.ranks)
+        context = dataclasses.replace(context, layers=context.layers.with_(ranks=dict(allocation.ranks)))
+        optimized, records = rewrite(plan, original, context, entries, context.layers.ranks)
         replace_records(report, records)
         measured = _measured_speedup(original, optimized, plan, options)
         rounds.append([measured, ratio])
     outcome = SpeedOutcome(target, measured >= target, rounds)
     report.notes.append(describe(outcome))
-    return optimized, outcome
+    return optimized, context, outcome
 
 
 def describe(outcome: SpeedOutcome) -> str:

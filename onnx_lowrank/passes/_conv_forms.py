@@ -80,7 +80,7 @@ class _Layer:
     tucker2: RankDecision              # the rule's Tucker-2 ranks, or why they do not pay
     whitened: WhitenedBases | None = None     # with a calibration Gram: Tucker-2's bases and ranks come from it
     patch_grams: tuple[np.ndarray, np.ndarray] | None = None   # error correction's, with fixed ranks
-    fixed: bool = False                # ranks fixed by context.ranks: nothing to search or measure
+    fixed: bool = False                # ranks fixed by context.layers.ranks: nothing to search or measure
 
     @property
     def out_ch(self) -> int:
@@ -130,29 +130,29 @@ def plan_conv(context: PassContext, node: gs.Node, w: np.ndarray, geometry: Laye
     stride = conv_attrs(node.attrs, kernel_dims).stride
     bases = channel_bases(w)
     name = layer_name(node)
-    gram = context.grams.get(name)
+    gram = context.layers.grams.get(name)
     whitened = whitened_channel_bases(w, gram) if gram is not None else None
     s_out, s_in = (b.s for b in (whitened.bases if whitened else bases))
     tucker2_decision = choose_tucker2_ranks(s_out, s_in, w.shape[0], w.shape[1], math.prod(kernel_dims),
                                             stride, context.options)
     methods = conv_methods(context.options, kernel_dims)
-    if context.survey is not None:
+    if context.state.survey is not None:
         # global allocation (rank_allocation.py) chooses Tucker-2 ranks; the other forms keep the rule
         if "tucker2" in methods:
-            context.survey[name] = ConvSpectrum(name, w.shape[0], w.shape[1], math.prod(kernel_dims), stride,
+            context.state.survey[name] = ConvSpectrum(name, w.shape[0], w.shape[1], math.prod(kernel_dims), stride,
                                                 relative_error_by_rank(s_out), relative_error_by_rank(s_in),
                                                 context.options.min_flop_reduction,
                                                 float(output_positions(context, node, 1) or 1))
         return None, [Refusal("tucker2", "surveyed only")], tucker2_decision
-    fixed = name in context.ranks
+    fixed = name in context.layers.ranks
     if fixed:
-        ranks = context.ranks[name]
+        ranks = context.layers.ranks[name]
         if ranks is None:
             return None, [Refusal("tucker2", "kept dense by the global rank allocation")], tucker2_decision
         tucker2_decision = dataclasses.replace(tucker2_decision, ranks=tuple(ranks), reason="")
         methods = ["tucker2"]
     layer = _Layer(w, dict(node.attrs), stride, context, geometry, bases, tucker2_decision, whitened,
-                   context.patch_grams.get(name), fixed)
+                   context.layers.patch_grams.get(name), fixed)
     plans, refusals = [], []
     for method in methods:
         result = _PLANNERS[method](layer)

@@ -44,15 +44,15 @@ def factorize_matrix(context: PassContext, weight: gs.Constant, w: np.ndarray, r
     """
     k, n = w.shape
     name = record.name
-    if name in context.dense:
-        record.status, record.reason = "skipped", context.dense[name]
+    if name in context.layers.dense:
+        record.status, record.reason = "skipped", context.layers.dense[name]
         return None
     prior = prior_choice(context, weight)
     if prior is not None and prior.ranks is None:
         record.status, record.reason = "skipped", f"reads the weight of {prior.layer}, which stays dense"
         return None
     factors = _factorize(context, weight, w, record, input_axis, geometry, prior)
-    if context.survey is None and prior is None:
+    if context.state.survey is None and prior is None:
         record_choice(context, weight, name, tuple(record.rank) if factors is not None else None)
     return factors
 
@@ -61,24 +61,24 @@ def _factorize(context: PassContext, weight: gs.Constant, w: np.ndarray, record:
                geometry: LayerGeometry | None, prior) -> MatrixFactors | None:
     k, n = w.shape
     name = record.name
-    cache = context.decompositions if context.decompositions is not None else {}
+    cache = context.cache if context.cache is not None else {}
     if name not in cache:
-        cache[name] = _decompose(w, context.grams.get(name), input_axis, context.cross_grams.get(name))
+        cache[name] = _decompose(w, context.layers.grams.get(name), input_axis, context.layers.cross_grams.get(name))
     decomposition = cache[name]
     decision = choose_matrix_rank(decomposition.s, k, n, context.options)
     record.break_even_rank = round(decision.break_even_rank, 2)
     record.max_rank = decision.max_rank
     record.params_before = record.macs_before = R.matrix_macs(k, n)
-    if context.survey is not None:
-        context.survey[name] = LayerSpectrum(name, k, n, relative_error_by_rank(decomposition.s), decision.max_rank,
+    if context.state.survey is not None:
+        context.state.survey[name] = LayerSpectrum(name, k, n, relative_error_by_rank(decomposition.s), decision.max_rank,
                                              float(record.positions or 1))
         record.status, record.reason = "skipped", "surveyed only"
         return None
     if prior is not None:
         (rank,) = prior.ranks     # one factorization per weight: the first reader's rank
         record.reason = f"shares the factors of {prior.layer}"
-    elif name in context.ranks:
-        rank = context.ranks[name]
+    elif name in context.layers.ranks:
+        rank = context.layers.ranks[name]
         if rank is None:
             record.status, record.reason = "skipped", "kept dense by the global rank allocation"
             return None
@@ -152,7 +152,7 @@ def shared_constants(graph: gs.Graph, context: PassContext, weight: gs.Constant,
     cache_key = (weight_key(context, weight.name), *key)
     record.weight, record.weight_bytes = weight_source(context, weight)
     record.factor_bytes = 0
-    if cache_key not in context.factors:
+    if cache_key not in context.state.factors:
         stored = storage_dtype(context, weight.name)
         record.factor_bytes = sum(int(v.size) * np.dtype(stored or v.dtype).itemsize for v in arrays.values())
         tensors = []
@@ -166,5 +166,5 @@ def shared_constants(graph: gs.Graph, context: PassContext, weight: gs.Constant,
                                        {"to": onnx.helper.np_dtype_to_tensor_dtype(values.dtype)},
                                        inputs=[factor_constant(context, base, values, stored)], outputs=[cast]))
             tensors.append(cast)
-        context.factors[cache_key] = tuple(tensors)
-    return dict(zip(arrays, context.factors[cache_key]))
+        context.state.factors[cache_key] = tuple(tensors)
+    return dict(zip(arrays, context.state.factors[cache_key]))

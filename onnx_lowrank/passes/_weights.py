@@ -33,7 +33,7 @@ class Fold:
 def weight_key(context: PassContext, name: str) -> str:
     """What a weight tensor holds, whatever aliases it: Identity links lead back to their source,
     Cast and Transpose links are part of the value. Weights of one key are one weight."""
-    fold = context.folds.get(name)
+    fold = context.state.folds.get(name)
     if fold is None or not fold.inputs:
         return name
     source = weight_key(context, fold.inputs[0][0])
@@ -45,13 +45,13 @@ def weight_key(context: PassContext, name: str) -> str:
 def storage_dtype(context: PassContext, name: str) -> np.dtype | None:
     """The 16-bit float type a folded weight is stored in behind a Cast to a wider float, else
     None: factors of such a weight are stored in it too."""
-    fold = context.folds.get(name)
+    fold = context.state.folds.get(name)
     if fold is None or not fold.inputs:
         return None
     source, values = fold.inputs[0]
     if fold.op == "Cast":
-        if source in context.folds:
-            values = context.folds[source].value
+        if source in context.state.folds:
+            values = context.state.folds[source].value
         stored = values.dtype if isinstance(values, np.ndarray) else _lazy_dtype(values)
         wider = np.dtype(fold.value.dtype).itemsize > 2
         return np.dtype(np.float16) if stored == np.float16 and wider else None
@@ -68,10 +68,10 @@ def _lazy_dtype(values) -> np.dtype | None:
 def weight_source(context: PassContext, weight: gs.Constant) -> tuple[str, int]:
     """The model's own tensor a weight is read from (through folded links) and its stored bytes."""
     name, values = weight.name, weight._values
-    while name in context.folds and context.folds[name].inputs:
-        name, values = context.folds[name].inputs[0]
-        if name in context.folds:
-            values = context.folds[name].value
+    while name in context.state.folds and context.state.folds[name].inputs:
+        name, values = context.state.folds[name].inputs[0]
+        if name in context.state.folds:
+            values = context.state.folds[name].value
     return name, _stored_bytes(values)
 
 
@@ -87,11 +87,11 @@ def _stored_bytes(values) -> int:
 
 def prior_choice(context: PassContext, weight: gs.Constant) -> WeightChoice | None:
     """What an earlier layer reading the same weight decided, if one did."""
-    return context.choices.get(weight_key(context, weight.name))
+    return context.state.choices.get(weight_key(context, weight.name))
 
 
 def record_choice(context: PassContext, weight: gs.Constant, layer: str, ranks: tuple[int, ...] | None,
                   method: str | None = None) -> None:
     """The first decision on a weight stands for every later layer that reads it."""
-    if context.survey is None:
-        context.choices.setdefault(weight_key(context, weight.name), WeightChoice(layer, ranks, method))
+    if context.state.survey is None:
+        context.state.choices.setdefault(weight_key(context, weight.name), WeightChoice(layer, ranks, method))

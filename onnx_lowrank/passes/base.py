@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -18,48 +19,81 @@ __all__ = ["PassContext", "PassResult", "LayerRecord", "apply_to_nodes", "consta
            "output_positions", "walk_graphs"]
 
 
-@dataclass
-class PassContext:
-    options: Options
-    # concrete output shapes of nodes at the report's input shapes (best effort; may be empty)
-    output_shapes: dict[str, list[int]] = field(default_factory=dict)
-    # called once per candidate layer, for a progress bar; passes never print
-    on_layer: Callable[[str], None] = lambda name: None
-    # names in use across the model, so that new tensors and nodes never collide
-    names: set[str] = field(default_factory=set)
-    # (weight tensor name, method, ranks) -> factor constants, so a shared weight is factorized once
-    factors: dict[tuple, tuple[gs.Constant, ...]] = field(default_factory=dict)
+@dataclass(frozen=True)
+class LayerPlan:
+    """Per-layer decisions the passes follow, made before they run (the data-aware stages,
+    optimize's checks of a result). Read-only to the passes; a stage that decides again makes a
+    new plan (`with_`)."""
+
     # data-aware path (onnx_lowrank.calibration): layer -> Gram X^T X of its input rows [k, k]
-    grams: dict[str, np.ndarray] = field(default_factory=dict)
+    grams: Mapping[str, np.ndarray] = field(default_factory=dict)
     # layer -> rank chosen by global allocation (rank_allocation.py), or fixed by error correction
     # ((r_out, r_in) for a k x k conv's Tucker-2); None keeps the layer dense. Layers not in it
     # follow the rank rule.
-    ranks: dict[str, int | tuple[int, ...] | None] = field(default_factory=dict)
+    ranks: Mapping[str, int | tuple[int, ...] | None] = field(default_factory=dict)
     # layer -> X~^T X, its inputs in the compressed model against those in the original: the matrix
     # passes then truncate the error-correcting weight (numerics.whitening.corrected_weight)
-    cross_grams: dict[str, np.ndarray] = field(default_factory=dict)
+    cross_grams: Mapping[str, np.ndarray] = field(default_factory=dict)
     # k x k conv -> (P~^T P~, P~^T P) of its patch rows, compressed model against original: its
     # Tucker-2 is then refitted to the original output (numerics.tucker.corrected_tucker2)
-    patch_grams: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    # when a dict, the matrix passes only measure: each layer's spectrum goes here, nothing is rewritten
-    survey: dict[str, object] | None = None
-    # layer -> its (whitened) SVD, so a survey and the rewrite after it factorize once
-    # layer name -> its SVD, kept only when the data-aware path revisits layers (None: not kept, so
-    # a plain run holds one layer's SVD at a time)
-    decompositions: dict[str, object] | None = None
-    # tensor name -> how fold_constant_weights made it a constant (fold_constant_weights.Fold), so a
-    # layer left dense gets its chain back, and aliases of one weight are known as one (weight_key)
-    folds: dict[str, object] = field(default_factory=dict)
+    patch_grams: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # layer -> why it is kept dense whatever the rule says (e.g. factors that would add bytes)
+    dense: Mapping[str, str] = field(default_factory=dict)
+
+    def with_(self, **changes) -> "LayerPlan":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RewriteState:
+    """What one run of the passes accumulates, and nothing else: the names it has used, the
+    factors it made, the first choice on each weight, and (written by fold_constant_weights in the
+    normalize run, read by every rewrite after it) the chains it folded. Every rewrite of the
+    snapshot starts a fresh one (`fresh`)."""
+
+    # names in use across the model, so that new tensors and nodes never collide
+    names: set[str] = field(default_factory=set)
+    # (weight key, layout, ranks) -> factor tensors, so a shared weight is factorized once
+    factors: dict[tuple, tuple[gs.Tensor, ...]] = field(default_factory=dict)
     # weight_key -> what the first layer that reads the weight decided, which every other layer
     # reading it follows: one factorization per unique weight
     choices: dict[str, "WeightChoice"] = field(default_factory=dict)
-    # layer -> why it is kept dense whatever the rule says (set by optimize's checks of the result,
-    # e.g. factors that would add bytes)
-    dense: dict[str, str] = field(default_factory=dict)
+    # tensor name -> how fold_constant_weights made it a constant (_weights.Fold), so a layer left
+    # dense gets its chain back, and aliases of one weight are known as one (weight_key)
+    folds: dict[str, object] = field(default_factory=dict)
+    # a survey run (data_aware.allocate.survey): the decompose passes record each layer's spectrum
+    # here and rewrite nothing; None in a rewrite
+    survey: dict[str, object] | None = None
+
+    def fresh(self, names: set[str] | None = None, survey: dict | None = None) -> "RewriteState":
+        """A new run's state: these names (default: the ones in use now), the same folds."""
+        return RewriteState(names=set(self.names if names is None else names), folds=self.folds, survey=survey)
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What the passes read: the options, shapes and measurer of the run, the per-layer plan, the
+    cache of decompositions the data-aware stages share, and the run's own state."""
+
+    options: Options
+    # concrete output shapes of nodes at the report's input shapes (best effort; may be empty)
+    output_shapes: Mapping[str, list[int]] = field(default_factory=dict)
+    # called once per candidate layer, for a progress bar; passes never print
+    on_layer: Callable[[str], None] = lambda name: None
     # latency(geometry, form) -> ms of one layer, what the rank search measures with: handed in by the
     # pipeline when --measure is on (onnx_lowrank.latency times it in ONNX Runtime; the passes never
     # import that); None: ranks and dense-vs-factorized come from the FLOP model
     latency: LatencyFn | None = None
+    layers: LayerPlan = field(default_factory=LayerPlan)
+    # layer name -> its (whitened) SVD, owned by the data-aware plan so that a survey, the rewrite
+    # and the back-off factorize each layer once (None: not kept, so a plain run holds one layer's
+    # SVD at a time)
+    cache: dict[str, object] | None = None
+    state: RewriteState = field(default_factory=RewriteState)
+
+    def rewriting(self, layers: LayerPlan | None = None, names: set[str] | None = None, **changes) -> "PassContext":
+        """This context for another run of the passes: a fresh state (these names), the same folds."""
+        return dataclasses.replace(self, layers=layers or self.layers, state=self.state.fresh(names), **changes)
 
 
 @dataclass(frozen=True)
@@ -121,7 +155,7 @@ def layer_name(node: gs.Node) -> str:
 def new_name(context: PassContext, base: str) -> str:
     """A tensor/node name derived from `base` that nothing in the model uses yet (stable: no counters
     shared across runs, so the same model gives the same names)."""
-    return unique_name(context.names, base)
+    return unique_name(context.state.names, base)
 
 
 def unique_name(names: set[str], base: str) -> str:

@@ -79,15 +79,15 @@ def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
     record.params_before = w.size
     record.macs_before = R.tucker2_macs(out_ch, in_ch, math.prod(kernel_dims), stride)
     prior = prior_choice(context, weight)
-    if record.name in context.dense or prior is not None:
+    if record.name in context.layers.dense or prior is not None:
         # a conv weight read by several convs is rare: it stays dense after the first reader's
         # choice, and optimize's byte check keeps the first reader dense too when that grows it
-        record.reason = context.dense.get(record.name) or f"reads the weight of {prior.layer}: factorized once"
+        record.reason = context.layers.dense.get(record.name) or f"reads the weight of {prior.layer}: factorized once"
         if prior is not None and prior.ranks is None:
             record.reason = f"reads the weight of {prior.layer}, which stays dense"
         return
     plan, refusals, tucker2 = plan_conv(context, node, w, conv_geometry(context, node, w.shape))
-    if context.survey is None:
+    if context.state.survey is None:
         record_choice(context, weight, record.name, None if plan is None else tuple(plan.ranks),
                       None if plan is None else plan.method)
     record.break_even_rank, record.max_rank = tucker2.break_even_rank, tucker2.max_rank

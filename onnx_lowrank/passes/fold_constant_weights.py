@@ -37,9 +37,9 @@ def fold_constant_weights(graph: gs.Graph, context: PassContext) -> PassResult:
                 if not _feeds_weight_slots_only(node.outputs[0]):
                     continue
                 tensor = node.outputs[0]
-                context.folds[tensor.name] = Fold(
+                context.state.folds[tensor.name] = Fold(
                     node.op, node.name, dict(node.attrs), node.domain,
-                    tuple((t.name, None if t.name in context.folds else t._values) for t in node.inputs),
+                    tuple((t.name, None if t.name in context.state.folds else t._values) for t in node.inputs),
                     value, tensor.dtype, tensor.shape)
                 tensor.to_constant(value)
                 node.outputs.clear()

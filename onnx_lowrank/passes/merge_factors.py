@@ -19,6 +19,6 @@ def merge_factors(graph: gs.Graph, context: PassContext) -> PassResult:
 
     With --merge-across-activations, a factor also merges into its dense neighbour across one
     activation (the paper's bottleneck merge in a real ResNet, see merge_linear._merge_across): not exact."""
-    origin = {id(c): key[0] for key, constants in context.factors.items() for c in constants}
+    origin = {id(c): key[0] for key, constants in context.state.factors.items() for c in constants}
     return merge_all(graph, context, NAME, report_refusals=False, origin=origin,
                      across=context.options.merge_across_activations)

@@ -28,13 +28,13 @@ def restore_folded_weights(graph: gs.Graph, context: PassContext) -> PassResult:
 
 def _still_folded(tensor: gs.Tensor, context: PassContext) -> bool:
     """Read by a node, and still the folded value (a pass that changed it keeps it)."""
-    fold = context.folds.get(tensor.name)
+    fold = context.state.folds.get(tensor.name)
     return (fold is not None and isinstance(tensor, gs.Constant) and bool(tensor.outputs)
             and tensor._values is fold.value)
 
 
 def _restore(g: gs.Graph, tensor: gs.Tensor, tensors: dict[str, gs.Tensor], context: PassContext) -> None:
-    fold = context.folds[tensor.name]
+    fold = context.state.folds[tensor.name]
     inputs = [_source(g, name, values, tensors, context) for name, values in fold.inputs]
     if isinstance(tensor, gs.Constant):
         tensor.to_variable(dtype=fold.dtype, shape=fold.shape)
@@ -48,9 +48,9 @@ def _source(g: gs.Graph, name: str, values, tensors: dict[str, gs.Tensor], conte
     """A restored node's input: the tensor of that name if the graph still has it, else the model's
     constant made again, or an earlier link of the chain restored first."""
     tensor = tensors.get(name)
-    if name in context.folds:
+    if name in context.state.folds:
         if tensor is None:   # this copy of the graph never had the link: make it, then its node
-            fold = context.folds[name]
+            fold = context.state.folds[name]
             tensor = tensors[name] = gs.Variable(name, dtype=fold.dtype, shape=fold.shape)
             _restore(g, tensor, tensors, context)
         elif isinstance(tensor, gs.Constant):
