@@ -246,7 +246,7 @@ def parity_tolerance(report: Report, options: Options, model: onnx.ModelProto
     # and the same samples check parity: a tighter bound here would refuse what the back-off kept
     data_aware_run = options.calibration is not None or options.target is not None
     if gate.source == "--max-error" or data_aware_run or implied >= gate.max_error:
-        tolerance, per_output = gate_tolerances(gate, gate.max_error, model)
+        tolerance, per_output = gate_tolerances(gate, gate.max_error, model, real_samples=options.calibration is not None)
         return tolerance, per_output, f"the quality gate, {gate.source}"
     kind = "activation" if options.calibration else "weight"
     tolerance, per_output = gate_tolerances(gate, implied, model)

@@ -74,6 +74,7 @@ class OutputComparison:
     mismatched: int | None = None          # elements outside atol + rtol |y0|, when judged elementwise
     reference_shape: list[int] | None = None   # set when the shapes differ
     min_top1: float | None = None          # the top-1 agreement it had to reach, if any
+    top1_lower: float | None = None        # the agreement shown with 90% confidence, when that was the test
 
 
 @dataclass

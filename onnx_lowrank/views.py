@@ -121,7 +121,10 @@ def failure_detail(o: OutputComparison) -> str:
     misses = []
     if o.bound is not None and o.rel_l2_error > o.bound:
         misses.append(f"rel_l2 {o.rel_l2_error:.3e} > {o.bound:.1e} ({o.rel_l2_error / o.bound:.3g}x the bound)")
-    if o.min_top1 is not None and o.top1_agreement is not None and o.top1_agreement < o.min_top1:
+    if o.min_top1 is not None and o.top1_lower is not None and o.top1_lower < o.min_top1:
+        misses.append(f"top-1 agreement {o.top1_agreement:.3f}, at least {o.top1_lower:.3f} with 90% confidence, "
+                      f"< {o.min_top1:g} (more held-out samples show more)")
+    elif o.min_top1 is not None and o.top1_agreement is not None and o.top1_agreement < o.min_top1:
         misses.append(f"top-1 agreement {o.top1_agreement:.3f} < {o.min_top1:g}")
     if misses:
         return "; ".join(misses)

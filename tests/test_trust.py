@@ -145,9 +145,9 @@ def test_calibration_samples_are_the_parity_inputs(tmp_path):
     ids = RNG.integers(0, 10, (32, 5)).astype(np.int64)   # 32 samples of 5 tokens
     np.savez(tmp_path / "c.npz", input_ids=ids, token_type_ids=np.zeros_like(ids))
     _, report = optimize(model, calibration=str(tmp_path / "c.npz"), rank=8)
-    # the held-back quarter of the 32 samples, in one batch: real inputs, not generated ones
+    # the 16 held-back samples (half of 32: top-1 needs rows), in batches of 8: real inputs, not generated
     assert report.parity.passed and report.parity.input_shapes["input_ids"] == [8, 5]
-    assert report.parity.samples == 1 and not report.parity.notes
+    assert report.parity.samples == 2 and not report.parity.notes
 
 
 # --- 2. one factorization per unique weight ---------------------------------------------------------
@@ -381,3 +381,16 @@ def test_duplicate_node_names_across_subgraphs_are_accepted_and_kept_on_nodes_le
     for attr in optimized.graph.node[0].attribute:
         names = [n.name for n in attr.g.node]
         assert "act" in names and len(set(names)) == len(names)
+
+
+def test_top1_agreement_on_a_handful_of_real_rows_cannot_pass_the_gate():
+    """8 of 8 agreeing held-out rows show an agreement of at least 0.83 with 90% confidence, not
+    0.95: on real samples the gate asks for the bound; 32 of 32 (0.951) pass."""
+    from onnx_lowrank.compare import Tolerance, compare_output, wilson_lower_bound
+    assert round(wilson_lower_bound(1.0, 8), 2) == 0.83 and wilson_lower_bound(1.0, 32) > 0.95
+    logits = np.eye(10, dtype=np.float32)[np.arange(8) % 10] * 5
+    strict = Tolerance(max_error=0.25, min_top1=0.95, top1_confident=True)
+    assert not compare_output("y", logits, logits * 1.01, strict).passed
+    assert compare_output("y", logits, logits * 1.01, Tolerance(max_error=0.25, min_top1=0.95)).passed
+    many = np.eye(10, dtype=np.float32)[np.arange(64) % 10] * 5
+    assert compare_output("y", many, many * 1.01, strict).passed

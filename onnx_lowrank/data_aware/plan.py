@@ -18,15 +18,15 @@ from ..rank_allocation import Allocation, Spectrum
 from ..report import LayerRecord, Report
 
 #: Share of the calibration samples held back to check the quality gate: errors measured on the
-#: samples the Grams were fitted on would flatter the truncation. Small sets give a quarter, so
-#: that a top-1 agreement is measured on more than a handful of rows.
+#: samples the Grams were fitted on would flatter the truncation.
 HOLD_BACK = 1 / 8
+HELD_ROWS = 32
 
-SMALL_SET = 64
 
 def held_back_count(samples: int) -> int:
-    share = HOLD_BACK if samples >= SMALL_SET else 1 / 4
-    return max(1, int(samples * share))
+    """An eighth of the samples, at least HELD_ROWS and at most half: top-1 agreement is shown with
+    confidence on 32 rows (all agreeing: a 90% lower bound of 0.951), not on a handful."""
+    return max(1, min(samples // 2, max(int(samples * HOLD_BACK), HELD_ROWS)))
 
 @dataclass(frozen=True)
 class Snapshot:
