@@ -56,12 +56,16 @@ def test_weight_first_operand_of_matmul():
     assert_rewrite(model, ops={"MatMul": 2}, max_error=EXACT)
 
 
-def test_shared_weight_is_factorized_once():
-    model = model_from_text("""(float[N, 64] x, float[N, 64] z) => (float[N, 96] y, float[N, 96] v, float[N, 96] u) {
+def _three_readers_of_w(third: str) -> onnx.ModelProto:
+    return model_from_text(f"""(float[N, 64] x, float[N, 64] z) => (float[N, 96] y, float[N, 96] v, float[N, 96] u) {{
         [a] y = MatMul(x, W)
         [b] v = MatMul(z, W)
-        [c] u = MatMul(x, W)
-    }""", W=W64x96)
+        [{third}] u = MatMul(x, W)
+    }}""", W=W64x96)
+
+
+def test_shared_weight_is_factorized_once():
+    model = _three_readers_of_w("c")
     # horizontal fusion would concatenate the factors: off, to see the sharing itself
     optimized, report = assert_rewrite(model, ops={"MatMul": 6}, max_error=EXACT, skip=("fuse_horizontal",))
     names = [t.name for t in optimized.graph.initializer]
@@ -71,11 +75,7 @@ def test_shared_weight_is_factorized_once():
 
 def test_shared_weight_that_a_dense_reader_keeps_is_not_factorized():
     """Factorizing a and b while 'keep' still reads W would add the factors' bytes to W's."""
-    model = model_from_text("""(float[N, 64] x, float[N, 64] z) => (float[N, 96] y, float[N, 96] v, float[N, 96] u) {
-        [a] y = MatMul(x, W)
-        [b] v = MatMul(z, W)
-        [keep] u = MatMul(x, W)
-    }""", W=W64x96)
+    model = _three_readers_of_w("keep")
     optimized, report = optimize(model, exclude="keep", skip=("fuse_horizontal",), validate=False)
     assert optimized.SerializeToString() == model.SerializeToString()
     reasons = {r.name: r.reason for r in report.candidates}
