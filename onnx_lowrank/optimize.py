@@ -25,6 +25,7 @@ from .options import Options
 from .parity import check_parity
 from .passes import PIPELINE, PassContext, pipeline
 from .passes.base import RewriteState
+from .quantize import quantize_int8
 from .report import Report
 from .runtime import SessionConfig
 
@@ -99,6 +100,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
         optimized = _fall_back(report, original, "")
     if options.calibration is None and sum(r.weight_error or 0.0 for r in report.decomposed) > LOSSY:
         report.notes.append(data_aware.WEIGHT_ONLY_NOTE)
+    if options.quantize:
+        optimized, how = quantize_int8(optimized, data_aware.fit_batches(plan))
+        report.quantized = how
+        report.notes.append(f"--quantize int8: {how}")
     if optimized is not original:
         _check(optimized, original, report)
     if not report.decomposed:
@@ -244,7 +249,7 @@ def parity_tolerance(report: Report, options: Options, model: onnx.ModelProto
     implied = max(floor, 2 * sum(errors))
     # with calibration the gate itself was checked on the held-back samples (data_aware.back_off),
     # and the same samples check parity: a tighter bound here would refuse what the back-off kept
-    data_aware_run = options.calibration is not None or options.target is not None
+    data_aware_run = options.calibration is not None or options.target is not None or options.quantize
     if gate.source == "--max-error" or data_aware_run or implied >= gate.max_error:
         tolerance, per_output = gate_tolerances(gate, gate.max_error, model, real_samples=options.calibration is not None)
         return tolerance, per_output, f"the quality gate, {gate.source}"

@@ -63,6 +63,7 @@ class Options:
     max_error: float | str | None = None
     min_top1: float | None = None
     allow_slower: bool = False           # keep a result that measures slower than the original
+    quantize: str | None = None          # "int8": ONNX Runtime's quantization as the last stage (quantize.py)
     shape: dict[str, list[int]] = field(default_factory=dict)
     # dynamic batch dims in the parity check: one row's error swings ~2x around the weight error
     # (x W concentrates on r directions); a few rows average that out
@@ -117,6 +118,7 @@ class Options:
             self.max_error = "none"
         elif self.max_error is not None:
             _check(self.max_error > 0, f"--max-error must be positive, got {self.max_error}")
+        _check(self.quantize in (None, "int8"), f"--quantize: unknown mode {self.quantize!r}; choose int8")
         if self.min_top1 is not None:
             _check(0 <= self.min_top1 <= 1, f"--min-top1 must be in [0, 1], got {self.min_top1}")
         _check(int(self.batch) == self.batch and self.batch >= 1, f"--batch must be a positive integer, got {self.batch}")

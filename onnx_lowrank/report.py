@@ -210,6 +210,7 @@ class Report:
     gate: str = ""                  # what a lossy run's output error was held to (gate.Gate.describe)
     measured_speedup: float | None = None   # whole model, original vs written, timed interleaved
     fallback: str = ""              # why the written model is the input, when it is
+    quantized: str = ""             # --quantize int8: how ONNX Runtime's quantizer was run
     data_aware: DataAwareOutcome | None = None   # what each data-aware stage did, as data
 
     @property

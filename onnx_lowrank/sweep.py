@@ -23,6 +23,7 @@ from .bench import TimingPlan, bench
 from .errors import OptionError
 from .io import load_model, save_model
 from .optimize import optimize
+from .passes import PIPELINE
 from .options import Options
 from .runtime import SessionConfig
 
@@ -49,6 +50,7 @@ class SweepPoint:
     speedup_ci_high: float | None = None
     metric: float | None = None       # the caller's task metric on the point's model
     notes: list[str] = field(default_factory=list)
+    label: str = ""                   # a baseline's name ("int8 alone"); "" for a target's point
 
 
 @dataclass
@@ -98,6 +100,13 @@ def sweep(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[float] |
     per_target = [dataclasses.replace(options, validate=True, bench=False, max_error="none", allow_slower=True,
                                       **{f"target_{target_kind}": t})
                   for t in targets]
+    runs = [(t, "", o) for t, o in zip(targets, per_target)]
+    if options.quantize:
+        # what a user would do instead: ONNX Runtime's int8 alone, no layer decomposed
+        decompose = tuple(e.name for e in PIPELINE if e.stage == "decompose")
+        alone = dataclasses.replace(options, validate=True, bench=False, max_error="none", allow_slower=True,
+                                    skip=tuple(dict.fromkeys((*options.skip, *decompose))))
+        runs.insert(0, (0.0, f"{options.quantize} alone", alone))
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     if out_dir is not None and not Path(out_dir).is_dir():
         raise OptionError(f"--out-dir '{out_dir}' is not a directory")
@@ -110,14 +119,15 @@ def sweep(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[float] |
                          options=options.to_dict())
     if metric is not None:
         result.metric_before = float(metric(model if isinstance(model, onnx.ModelProto) else load_model(model)))
-    for target, point_options in zip(targets, per_target):
+    for target, label, point_options in runs:
         optimized, report = optimize(model, point_options)
         result.params_before = report.params_before
         path = None
         if out_dir is not None:
-            path = str(Path(out_dir) / f"{stem}.{target_kind}{target:g}.onnx")
+            name = label.replace(" ", "_") if label else f"{target_kind}{target:g}"
+            path = str(Path(out_dir) / f"{stem}.{name}.onnx")
             save_model(optimized, path)
-        timing = bench([model, path or optimized], config=config, labels=["original", f"{target_kind} {target:g}"],
+        timing = bench([model, path or optimized], config=config, labels=["original", label or f"{target_kind} {target:g}"],
                        plan=plan, **inputs)
         result.bench_settings = timing.settings
         totals = report.totals()
@@ -129,7 +139,8 @@ def sweep(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[float] |
             output_error=max(errors) if errors else None,
             parity_passed=None if report.parity is None else report.parity.passed,
             speedup=timing.speedup, speedup_ci_low=timing.speedup_ci_low, speedup_ci_high=timing.speedup_ci_high,
-            metric=None if metric is None else float(metric(optimized)), notes=report.notes + timing.notes)
+            metric=None if metric is None else float(metric(optimized)), notes=report.notes + timing.notes,
+            label=label)
         result.points.append(point)
         if on_point is not None:
             on_point(point)
@@ -166,7 +177,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> None:
     ax.plot([max(points[i].output_error, floor) for i in front], [points[i].speedup for i in front],
             color="tab:blue", lw=1.2, alpha=0.6, label="Pareto front")
     for p, e in zip(points, errors):
-        ax.annotate(f"{p.target:g}", (e, p.speedup), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(p.label or f"{p.target:g}", (e, p.speedup), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
     if result.max_error is not None:
         ax.axvline(result.max_error, color="tab:red", ls="--", lw=1.2, label=f"--max-error {result.max_error:g}")
@@ -174,7 +185,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> None:
     if best is not None:
         ax.scatter([max(best.output_error, floor)], [best.speedup], marker="*", s=260, color="tab:orange",
                    edgecolor="black", zorder=4,
-                   label=f"chosen: {result.target_kind} {best.target:g}, {best.speedup:.2f}x")
+                   label=f"chosen: {best.label or f'{result.target_kind} {best.target:g}'}, {best.speedup:.2f}x")
     ax.set_xscale("log")
     ax.margins(x=0.12, y=0.1)   # room for the target labels at the edges
     ax.set_xlabel("output error (max over outputs of ||y - y0|| / ||y0||)")
@@ -187,7 +198,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> None:
         scored = [p for p in points if p.metric is not None]
         mx.scatter([p.speedup for p in scored], [p.metric for p in scored], color="tab:green", zorder=3)
         for p in scored:
-            mx.annotate(f"{p.target:g}", (p.speedup, p.metric), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            mx.annotate(p.label or f"{p.target:g}", (p.speedup, p.metric), textcoords="offset points", xytext=(6, 4), fontsize=8)
         mx.axhline(result.metric_before, color="0.4", ls="--", lw=1.0, label=f"original {result.metric_before:.4g}")
         if best is not None and best.metric is not None:
             mx.scatter([best.speedup], [best.metric], marker="*", s=260, color="tab:orange", edgecolor="black",

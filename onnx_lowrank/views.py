@@ -250,7 +250,7 @@ def sweep_table(result) -> str:
     for i, p in enumerate(result.points):
         speedup = "-" if p.speedup is None else (f"{p.speedup:.2f}x ({p.speedup_ci_low:.2f}-{p.speedup_ci_high:.2f})"
                                                  if p.speedup_ci_low is not None else f"{p.speedup:.2f}x")
-        rows.append(["*" if i == result.best else "", f"{p.target:g}", f"{p.decomposed}/{p.candidates}",
+        rows.append(["*" if i == result.best else "", p.label or f"{p.target:g}", f"{p.decomposed}/{p.candidates}",
                      "-" if p.macs_ratio is None else f"{p.macs_ratio:.2f}", human_count(p.params),
                      "-" if p.output_error is None else f"{p.output_error:.2e}", speedup,
                      *([("-" if p.metric is None else f"{p.metric:.4g}")] if metric else []),

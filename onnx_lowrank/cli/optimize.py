@@ -77,6 +77,11 @@ def add_parser(sub) -> None:
                      help="merge a decomposed layer's outer factors into the dense neighbours across one "
                           "activation (the paper's bottleneck merge): NOT exact, needs fine-tuning; the parity "
                           "check measures the output error (accept it with --max-error)")
+    p.add_argument_group("int8").add_argument(
+        "--quantize", choices=["int8"],
+        help="run ONNX Runtime's int8 quantization on the result as the last stage (static QDQ for convolutional "
+             "models with --calibration, dynamic int8 MatMul/Gemm weights otherwise); the gate and the timing "
+             "judge the quantized model")
     chk = p.add_argument_group("proof")
     chk.add_argument("--no-validate", dest="validate", action="store_false",
                      help="skip the parity check in ONNX Runtime")

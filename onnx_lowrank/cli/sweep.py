@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration", metavar="FILE.npz|DIR", help="calibration samples, as for optimize")
     p.add_argument("--error-correction", action="store_true",
                    help="with --calibration, refit the factorized layers depth by depth, as for optimize")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="quantize every point with ONNX Runtime's int8 (as optimize --quantize) and add the "
+                        "int8-alone point: the front against what a user would do instead")
     p.add_argument("--targets", metavar="T[,T...]",
                    help="comma-separated targets (default flops/params " +
                         ",".join(map(str, DEFAULT_TARGETS["flops"])) + "; speedup " +
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_path(args.input)
     targets = None if args.targets is None else [_target(text) for text in args.targets.split(",") if text.strip()]
     inputs = input_options(args, args.input)
-    options = Options(calibration=args.calibration, error_correction=args.error_correction, measure=args.measure, conv_method=args.conv_method, ops=args.ops,
+    options = Options(calibration=args.calibration, error_correction=args.error_correction, measure=args.measure,
+                      conv_method=args.conv_method, ops=args.ops, quantize=args.quantize,
                       include=args.include, exclude=args.exclude, skip=skip_list(args.skip),
                       shape=parse_shapes(args.shape), batch=args.batch, seed=args.seed, provider=args.provider)
     plan: TimingPlan = replace(SWEEP_PLAN, blocks=args.blocks, max_blocks=3 * args.blocks,
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise OutputError(f"cannot create --out-dir '{args.out_dir}': {exc.strerror}") from None
     result = sweep(args.input, targets, options, target_kind=args.target_kind, out_dir=args.out_dir,
                    max_error=args.max_error, plan=plan, config=session_config(args), bench_inputs=inputs,
-                   on_point=lambda p: print(f"{args.target_kind} {p.target:g}: {p.decomposed}/{p.candidates} layers, "
+                   on_point=lambda p: print(f"{p.label or f'{args.target_kind} {p.target:g}'}: "
+                                            f"{p.decomposed}/{p.candidates} layers, "
                                             f"error {_error(p.output_error)}, speedup {_speedup(p.speedup)}",
                                             file=sys.stderr))
     print(sweep_table(result))

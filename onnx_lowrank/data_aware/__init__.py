@@ -31,8 +31,8 @@ from . import back_off as _back_off
 from . import calibrate as _calibrate
 from . import correct as _correct
 from . import speed as _speed
-from .plan import (DataPlan, Snapshot, analysis_shapes, held_back_count, parity_samples, replace_records, rewrite,
-                   rewrite_snapshot)
+from .plan import (DataPlan, Snapshot, analysis_shapes, fit_batches, held_back_count, parity_samples,
+                   replace_records, rewrite, rewrite_snapshot)
 from .speed import whole_model_speedup
 
 WEIGHT_ONLY_NOTE = ("weight-only truncation (no --calibration): on trained models the weight's own spectrum is a poor "
@@ -76,5 +76,5 @@ def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
     return optimized
 
 
-__all__ = ["DataPlan", "Snapshot", "WEIGHT_ONLY_NOTE", "analysis_shapes", "finish", "held_back_count",
+__all__ = ["DataPlan", "Snapshot", "WEIGHT_ONLY_NOTE", "analysis_shapes", "finish", "fit_batches", "held_back_count",
            "parity_samples", "prepare", "replace_records", "rewrite", "rewrite_snapshot", "whole_model_speedup"]

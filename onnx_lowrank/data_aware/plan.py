@@ -91,6 +91,13 @@ def matrix_layer(record: LayerRecord) -> bool:
 def count(batches: list[dict]) -> int:
     return sum(len(next(iter(b.values()))) for b in batches)
 
+def fit_batches(plan: DataPlan | None) -> list[dict] | None:
+    """The calibration batches the layers were fitted on (what static int8 calibrates on), or None."""
+    if plan is None or plan.data is None:
+        return None
+    return list(plan.data.batches(0, plan.fit_stop))
+
+
 def parity_samples(plan: DataPlan | None) -> list[dict] | None:
     """Real inputs for the parity check when the user gave some: the held-back samples, else the
     first calibration batch; None (generated inputs) without calibration data."""
