@@ -3,7 +3,9 @@ check -> validate. Saving is the caller's (the CLI, or the user with onnx_lowran
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import math
 import os
 from typing import Any, Callable
@@ -111,6 +113,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
     _measure_sizes(report, original, optimized)
     del graph, context, snapshot   # gs's lazy constants hold the original's tensors; release them first
     reference = _release_if_owned(model, original, optimized)
+    _return_freed_memory()
 
     if options.validate and optimized is not original:
         tolerance, per_output, source_note = parity_tolerance(report, options, original if reference is original
@@ -122,6 +125,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
     elif shape_notes:
         report.notes.extend(shape_notes)
     passed = report.parity is None or report.parity.passed
+    _return_freed_memory()
     if optimized is not original and passed and options.measure and not options.allow_slower:
         optimized = _not_slower(reference, optimized, original, model, plan, hints, report, options)
     if options.bench:
@@ -221,6 +225,17 @@ def _release_if_owned(source, original: onnx.ModelProto, optimized: onnx.ModelPr
         return original
     original.graph.ClearField("initializer")
     return str(source)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that the passes and the parity sessions freed back to the system before the
+    next ONNX Runtime sessions load the weights again: glibc keeps freed blocks below its (adaptive)
+    mmap threshold, 0.3 GB of them after the rewrite of a BERT-base-size model. Elsewhere a no-op."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_passes(entries: list, graph, context: PassContext, report: Report) -> None:

@@ -40,9 +40,11 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
     `provider` with default settings. `per_output` overrides `tolerance` for the outputs it names.
     """
     config = replace(config or runtime.SessionConfig(provider=provider), optimize=False)
+    # one session at a time: the reference's outputs are kept, not its session, so the weights of
+    # the two models are never held by ONNX Runtime together
     ref_session = runtime.make_session(reference, config)
-    cand_session = runtime.make_session(candidate, config)
-    names = _matching_signatures(ref_session, cand_session)
+    ref_signature = _signature(ref_session)
+    names = [o.name for o in ref_session.get_outputs()]
     per_output = dict(per_output or {})
     unknown = sorted(set(per_output) - set(names))
     if unknown:
@@ -59,6 +61,9 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
         samples = list(samples)
         ref_outputs = [runtime.run(ref_session, feed) for feed in samples]
     input_shapes = {name: list(np.shape(value)) for name, value in samples[0].items()}
+    del ref_session
+    cand_session = runtime.make_session(candidate, config)
+    _match_signatures(ref_signature, _signature(cand_session))
     cand_order = [o.name for o in cand_session.get_outputs()]
     cand_outputs = [dict(zip(cand_order, runtime.run(cand_session, feed))) for feed in samples]
     outputs = [compare_output(name,
@@ -76,22 +81,22 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
                         ungated=ungated)
 
 
-def _matching_signatures(ref_session, cand_session) -> list[str]:
-    """The output names to compare; the two models must take the same inputs and give the same
-    outputs (by name), as a rewrite keeps them."""
-    def signature(args):
-        return {a.name: a.type for a in args}
+def _signature(session) -> tuple[list, list]:
+    """(name, type) of the inputs and outputs, as plain strings: ORT's NodeArgs keep their session alive."""
+    return ([(a.name, a.type) for a in session.get_inputs()], [(a.name, a.type) for a in session.get_outputs()])
 
-    for kind, ref, cand in (("inputs", ref_session.get_inputs(), cand_session.get_inputs()),
-                            ("outputs", ref_session.get_outputs(), cand_session.get_outputs())):
-        if signature(ref) != signature(cand):
+
+def _match_signatures(ref: tuple[list, list], cand: tuple[list, list]) -> None:
+    """The two models must take the same inputs and give the same outputs (by name), as a rewrite
+    keeps them."""
+    for kind, ref_args, cand_args in (("inputs", ref[0], cand[0]), ("outputs", ref[1], cand[1])):
+        if dict(ref_args) != dict(cand_args):
             raise InferenceError(f"the two models have different {kind}: "
-                                 f"{_describe(ref)} vs {_describe(cand)}")
-    return [o.name for o in ref_session.get_outputs()]
+                                 f"{_describe(ref_args)} vs {_describe(cand_args)}")
 
 
 def _describe(args) -> str:
-    return "(" + ", ".join(f"{a.name}: {a.type}" for a in args) + ")"
+    return "(" + ", ".join(f"{name}: {type_}" for name, type_ in args) + ")"
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .forms import DENSE, Form, LatencyFn, LayerGeometry
 from .numerics import ranks as R
+from .numerics.svd import gram_energies, relative_error_by_rank
 from .options import Options
 
 
@@ -36,6 +37,31 @@ def choose_matrix_rank(s: np.ndarray, k: int, n: int, options: Options) -> RankD
                             f"rank {rank} for {rule.describe()} > {max_rank} "
                             f"(break-even {break_even:.0f} less {options.min_flop_reduction:.0%})")
     return RankDecision((R.round_up_to_multiple(rank, options.rounding_multiple, max_rank),), break_even, max_rank)
+
+
+def screen_matrix_rank(w: np.ndarray, options: Options) -> RankDecision | None:
+    """The refusal choose_matrix_rank would return for w [k, n], decided without an SVD; None when
+    the layer may pay, or when the cheap spectrum leaves the rule's rank in doubt: the SVD decides.
+
+    The rank and ratio rules read only the full rank. The tolerance and energy rules read the
+    spectrum from the Gram's eigenvalues (numerics.svd.gram_energies): the refusal, its reason
+    and the rank it names are today's whenever no relative tail error lies within the
+    eigenvalues' error bound of the budget, which is checked for every rank.
+    """
+    k, n = w.shape
+    rule = options.rank_rule
+    if rule.kind in ("rank", "ratio"):
+        decision = choose_matrix_rank(np.zeros(min(k, n)), k, n, options)
+        return decision if decision.ranks is None else None
+    energy, bound = gram_energies(w)
+    s = np.sqrt(energy)
+    decision = choose_matrix_rank(s, k, n, options)
+    if decision.ranks is not None:
+        return None
+    errors = relative_error_by_rank(s)
+    if np.any(np.abs(errors ** 2 - R.spectrum_budget(rule) ** 2) <= bound):
+        return None
+    return decision
 
 
 def choose_tucker2_ranks(s_out: np.ndarray, s_in: np.ndarray, out_ch: int, in_ch: int,

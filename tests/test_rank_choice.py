@@ -139,3 +139,62 @@ def test_optimize_leaves_a_layer_that_does_not_pay_and_reports_why(options, reas
     assert layer.status == "skipped" and layer.reason.startswith(reason)
     assert layer.break_even_rank == 32.0
     assert any(reason in note and "unchanged" in note for note in report.notes)
+
+
+# --- deciding a refusal without the SVD (rank_choice.screen_matrix_rank) ---------------------
+
+def _screen_cases():
+    from models import synthetic
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((96, 160)).astype(np.float32)
+    cases = {
+        "full-rank": full,
+        "full-rank tall": full.T.copy(),
+        "low-rank": synthetic.low_rank_matrix(rng, 128, 96, 12, 0.0),
+        "low-rank + noise 1e-4": synthetic.low_rank_matrix(rng, 128, 96, 12, 1e-4),
+        "low-rank + noise 1e-3": synthetic.low_rank_matrix(rng, 96, 128, 12, 1e-3),
+        "low-rank + noise 0.3": synthetic.low_rank_matrix(rng, 96, 128, 24, 0.3),
+        "fp16 low-rank": synthetic.low_rank_matrix(rng, 64, 96, 8, 1e-3).astype(np.float16),
+        "fp16 full-rank": full.astype(np.float16),
+        "zeros": np.zeros((32, 48), np.float32),
+    }
+    # a spectrum whose tail error at one rank is the tolerance itself (to float64 rounding):
+    # the cheap spectrum cannot tell which side it lies on, so the SVD must decide
+    u, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    v, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    s = np.ones(64)
+    s[40:] = np.sqrt(1e-6 * 40 / 24 / (1 - 1e-6))
+    cases["tail at the tolerance"] = (u * s) @ v.T
+    return cases
+
+
+SCREEN_RULES = [{}, {"tolerance": 1e-2, "rank_multiple": 16}, {"tolerance": 0.35}, {"energy": 0.9},
+                {"rank": 40}, {"rank": 4}, {"rank_ratio": 0.5}, {"rank_ratio": 0.1}, {"min_flop_reduction": 0.5}]
+
+
+@pytest.mark.parametrize("rule", SCREEN_RULES, ids=str)
+@pytest.mark.parametrize("case", list(_screen_cases()))
+def test_screen_refuses_exactly_what_the_svd_refuses(case, rule):
+    """Old (full SVD, then choose_matrix_rank) vs new (screen, then the SVD only when it does not
+    refuse): the same decision, the same reason (with the rank it names), for every case."""
+    from onnx_lowrank.numerics.svd import svd
+    from onnx_lowrank.rank_choice import screen_matrix_rank
+
+    w = _screen_cases()[case]
+    options = Options(**rule)
+    old = choose_matrix_rank(svd(w)[1], *w.shape, options)
+    screened = screen_matrix_rank(w, options)
+    new = old if screened is None else screened
+    assert new == old
+    if screened is not None:
+        assert old.ranks is None
+
+
+def test_screen_leaves_the_boundary_and_paying_layers_to_the_svd():
+    from onnx_lowrank.rank_choice import screen_matrix_rank
+
+    cases = _screen_cases()
+    assert screen_matrix_rank(cases["full-rank"], Options()) is not None          # refused without an SVD
+    assert screen_matrix_rank(cases["low-rank + noise 1e-4"], Options()) is None  # pays: the SVD factorizes
+    boundary = cases["tail at the tolerance"]
+    assert screen_matrix_rank(boundary, Options(min_flop_reduction=0.9)) is None  # in doubt: the SVD decides

@@ -48,13 +48,16 @@ def rank_for_spectrum(s: np.ndarray, rule: RankRule, error_budget: float | None 
     if rule.kind == "ratio":
         return max(1, min(full, math.ceil(rule.value * full)))
     errors = relative_error_by_rank(s)
+    ok = np.nonzero(errors <= spectrum_budget(rule, error_budget))[0]
+    return max(1, int(ok[0]) if len(ok) else full)
+
+
+def spectrum_budget(rule: RankRule, error_budget: float | None = None) -> float:
+    """The relative error the tolerance or energy rule stops at (the smallest rank within it)."""
     if rule.kind == "energy":
         # kept energy fraction = 1 - err^2; a tiny slack absorbs float rounding at value == 1.
-        budget = math.sqrt(max(1.0 - rule.value, 0.0)) + 1e-12
-    else:
-        budget = rule.value if error_budget is None else error_budget
-    ok = np.nonzero(errors <= budget)[0]
-    return max(1, int(ok[0]) if len(ok) else full)
+        return math.sqrt(max(1.0 - rule.value, 0.0)) + 1e-12
+    return rule.value if error_budget is None else error_budget
 
 
 def round_up_to_multiple(rank: int, multiple: int, limit: int) -> int:

@@ -15,7 +15,7 @@ from ..numerics.svd import relative_error_by_rank, split_factors, svd
 from ..numerics.tucker import relative_error
 from ..numerics.whitening import corrected_weight, whitened_svd
 from ..rank_allocation import LayerSpectrum
-from ..rank_choice import MeasuredDecision, choose_matrix_rank, measure_matrix_rank
+from ..rank_choice import MeasuredDecision, RankDecision, choose_matrix_rank, measure_matrix_rank, screen_matrix_rank
 from ._weights import prior_choice, record_choice, storage_dtype, weight_key, weight_source
 from .base import LayerRecord, PassContext, factor_constant, new_name
 
@@ -62,13 +62,19 @@ def _factorize(context: PassContext, weight: gs.Constant, w: np.ndarray, record:
     k, n = w.shape
     name = record.name
     cache = context.cache if context.cache is not None else {}
+    if (name not in cache and name not in context.layers.grams and context.state.survey is None and prior is None
+            and name not in context.layers.ranks):
+        # most layers of a trained model are refused: decide that without their SVDs
+        refusal = screen_matrix_rank(w, context.options)
+        if refusal is not None:
+            _record_decision(record, refusal, k, n)
+            record.status, record.reason = "skipped", refusal.reason
+            return None
     if name not in cache:
         cache[name] = _decompose(w, context.layers.grams.get(name), input_axis, context.layers.cross_grams.get(name))
     decomposition = cache[name]
     decision = choose_matrix_rank(decomposition.s, k, n, context.options)
-    record.break_even_rank = round(decision.break_even_rank, 2)
-    record.max_rank = decision.max_rank
-    record.params_before = record.macs_before = R.matrix_macs(k, n)
+    _record_decision(record, decision, k, n)
     if context.state.survey is not None:
         context.state.survey[name] = LayerSpectrum(name, k, n, relative_error_by_rank(decomposition.s), decision.max_rank,
                                              float(record.positions or 1))
@@ -105,6 +111,12 @@ def _factorize(context: PassContext, weight: gs.Constant, w: np.ndarray, record:
     record.params_after = record.macs_after = R.matrix_macs(k, n, rank)
     dtype = weight.values.dtype
     return MatrixFactors(first.astype(dtype), second.astype(dtype), record)
+
+
+def _record_decision(record: LayerRecord, decision: RankDecision, k: int, n: int) -> None:
+    record.break_even_rank = round(decision.break_even_rank, 2)
+    record.max_rank = decision.max_rank
+    record.params_before = record.macs_before = R.matrix_macs(k, n)
 
 
 @dataclass(frozen=True)
