@@ -270,15 +270,5 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
 
 
 def quantized_op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts: Counter[str] = Counter()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            if node.op_type in QUANTIZED_OPS:
-                counts[node.op_type] += 1
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    visit(sub)
-
-    visit(model.graph)
+    counts = Counter(node.op_type for g in _all_graphs(model) for node in g.node if node.op_type in QUANTIZED_OPS)
     return dict(sorted(counts.items()))

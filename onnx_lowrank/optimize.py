@@ -91,14 +91,14 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
         report.notes.append(latency_note)
 
     optimized = original
-    if _worth_writing(report):
+    if report.changed:   # a model nothing changed is written as it came, with no run
         optimized, context = _within_bytes(export_graph(graph, original), original, snapshot, context, rewrites,
                                            report)
     if plan is not None and optimized is not original:
         optimized = data_aware.finish(plan, original, optimized, context, rewrites, report, on_calibration)
     if optimized is not original and weight_bytes(optimized) > weight_bytes(original):
         optimized = _fall_back(report, original, "the rewritten model holds more weight bytes than the input")
-    if optimized is not original and not _worth_writing(report):
+    if optimized is not original and not report.changed:
         optimized = _fall_back(report, original, "")
     if options.calibration is None and sum(r.weight_error or 0.0 for r in report.decomposed) > LOSSY:
         report.notes.append(data_aware.WEIGHT_ONLY_NOTE)
@@ -138,11 +138,6 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
 #: A rewritten model that measures below this fraction of the original's speed is not written:
 #: interleaved timings of a model against itself read 0.99-1.02x here with spinning off.
 NEVER_SLOWER = 0.97
-
-
-def _worth_writing(report: Report) -> bool:
-    """Some pass changed the graph (a model nothing changed is written as it came, with no run)."""
-    return report.changed
 
 
 def _fall_back(report: Report, original: onnx.ModelProto, why: str) -> onnx.ModelProto:

@@ -76,6 +76,16 @@ class OutputComparison:
     min_top1: float | None = None          # the top-1 agreement it had to reach, if any
     top1_lower: float | None = None        # the agreement shown with 90% confidence, when that was the test
 
+    @property
+    def top1_judged(self) -> float | None:
+        """The agreement min_top1 was held against: the confident lower bound where that was the
+        test, else the measured share."""
+        return self.top1_lower if self.top1_lower is not None else self.top1_agreement
+
+    @property
+    def top1_missed(self) -> bool:
+        return self.min_top1 is not None and self.top1_judged is not None and self.top1_judged < self.min_top1
+
 
 @dataclass
 class ParityResult:

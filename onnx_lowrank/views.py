@@ -121,10 +121,10 @@ def failure_detail(o: OutputComparison) -> str:
     misses = []
     if o.bound is not None and o.rel_l2_error > o.bound:
         misses.append(f"rel_l2 {o.rel_l2_error:.3e} > {o.bound:.1e} ({o.rel_l2_error / o.bound:.3g}x the bound)")
-    if o.min_top1 is not None and o.top1_lower is not None and o.top1_lower < o.min_top1:
+    if o.top1_missed and o.top1_lower is not None:
         misses.append(f"top-1 agreement {o.top1_agreement:.3f}, at least {o.top1_lower:.3f} with 90% confidence, "
                       f"< {o.min_top1:g} (more held-out samples show more)")
-    elif o.min_top1 is not None and o.top1_agreement is not None and o.top1_agreement < o.min_top1:
+    elif o.top1_missed:
         misses.append(f"top-1 agreement {o.top1_agreement:.3f} < {o.min_top1:g}")
     if misses:
         return "; ".join(misses)
@@ -141,10 +141,9 @@ def gate_advice(parity: ParityResult, calibrated: bool) -> str:
     worst = max((o.rel_l2_error for o in parity.outputs if math.isfinite(o.rel_l2_error)), default=None)
     loosen = (f"--max-error {_round_up(worst)} accepts this error" if worst is not None and worst > 0
               else "loosen --max-error")
-    top1 = [o for o in parity.outputs if o.min_top1 is not None and o.top1_agreement is not None
-            and o.top1_agreement < o.min_top1]
+    top1 = [o.top1_judged for o in parity.outputs if o.top1_missed]
     if top1:
-        loosen += f" (with --min-top1 {math.floor(min(o.top1_agreement for o in top1) * 100) / 100:g})"
+        loosen += f" (with --min-top1 {math.floor(min(top1) * 100) / 100:g})"
     ways = ["a less lossy rank rule or target"]
     if not calibrated:
         ways.insert(0, "--calibration SAMPLES.npz (data-aware ranks, backed off on held-out samples until the gate holds)")
