@@ -39,21 +39,23 @@ def choose_matrix_rank(s: np.ndarray, k: int, n: int, options: Options) -> RankD
     return RankDecision((R.round_up_to_multiple(rank, options.rounding_multiple, max_rank),), break_even, max_rank)
 
 
-def screen_matrix_rank(w: np.ndarray, options: Options) -> RankDecision | None:
+def screen_matrix_rank(w: np.ndarray, options: Options,
+                       energies: tuple[np.ndarray, float] | None = None) -> RankDecision | None:
     """The refusal choose_matrix_rank would return for w [k, n], decided without an SVD; None when
     the layer may pay, or when the cheap spectrum leaves the rule's rank in doubt: the SVD decides.
 
     The rank and ratio rules read only the full rank. The tolerance and energy rules read the
     spectrum from the Gram's eigenvalues (numerics.svd.gram_energies): the refusal, its reason
     and the rank it names are today's whenever no relative tail error lies within the
-    eigenvalues' error bound of the budget, which is checked for every rank.
+    eigenvalues' error bound of the budget, which is checked for every rank. `energies`: w's
+    gram_energies when already computed (screen_weights, on all cores).
     """
     k, n = w.shape
     rule = options.rank_rule
     if rule.kind in ("rank", "ratio"):
         decision = choose_matrix_rank(np.zeros(min(k, n)), k, n, options)
         return decision if decision.ranks is None else None
-    energy, bound = gram_energies(w)
+    energy, bound = energies if energies is not None else gram_energies(w)
     s = np.sqrt(energy)
     decision = choose_matrix_rank(s, k, n, options)
     if decision.ranks is not None:

@@ -50,7 +50,7 @@ def allocate(plan: DataPlan, graph: gs.Graph, original: onnx.ModelProto, context
         # MACs, not the per-layer micro-benchmarks of latency.py: at 0.71 of the time those
         # predicted, MiniLM measured 1.10-1.13x whole (and 1.31-1.39x timed at 8x64 tokens),
         # while the MAC ratio of the same Amdahl target measured 1.18-1.33x
-        share = time_share(value, plan.reference, plan, options)
+        share = time_share(value, plan.reference(original), plan, options)
         kind, ratio = "flops", _speedup_ratio(value, share, notes)
         plan.flop_ratio, plan.time_fraction = ratio, share.share
     plan.allocation = allocate_ranks(plan.spectra, ratio, kind, options.rounding_multiple)
@@ -99,7 +99,7 @@ def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContex
         grid = rank_grid(spectrum, context.options.rounding_multiple)
         if grid and spectrum.name in context.cache:
             probes.append((spectrum, node, grid[len(grid) // 2]))
-    dtypes = {np.dtype(node.inputs[1].values.dtype) for _, node, _ in probes}
+    dtypes = {np.dtype(node.inputs[1].dtype) for _, node, _ in probes}
     if not probes or len(dtypes) != 1:
         return None
     dtype = dtypes.pop()

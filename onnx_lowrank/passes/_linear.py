@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from ..numerics.affine import CONV, GEOMETRY, MATRIX, Affine, conv_group, padded
 from ..numerics.conv_attrs import conv_attrs
 from .base import PassContext, factor_constant, layer_name, new_name
+from ._weights import read_values
 
 LINEAR = ("MatMul", "Gemm", "Conv")
 CHANNELWISE = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
@@ -161,7 +162,7 @@ def _bias_input(node: gs.Node) -> gs.Tensor | None:
 
 
 def _head_affine(node: gs.Node, kind: str, geometry: dict) -> Affine:
-    values = np.asarray(node.inputs[1].values, dtype=np.float64)
+    values = np.asarray(read_values(node.inputs[1]), dtype=np.float64)
     bias = _bias_input(node)
     if kind == CONV:
         return Affine(CONV, values, None if bias is None else np.asarray(bias.values, np.float64), geometry)
@@ -249,31 +250,35 @@ def emitted_nodes(kind: str, gemm: bool, has_bias: bool) -> int:
 
 
 def write_affine(graph: gs.Graph, context: PassContext, affine: Affine, x: gs.Tensor, y: gs.Tensor,
-                 template: gs.Node, dtype: np.dtype, gemm: bool = False, trans_b: int = 0) -> list[gs.Node]:
+                 template: gs.Node, dtype: np.dtype, gemm: bool = False, trans_b: int = 0,
+                 weight: gs.Constant | None = None) -> list[gs.Node]:
     """Compute y from x as `affine` with `template` (reused, so its name stays) as the linear node.
+    `weight`: the constant that already holds affine.weight as stored (a fold that only moved a
+    bias), reused rather than written again.
 
     The caller has detached every node the map replaces, template included. Returns the nodes."""
     name = layer_name(template)
+    if weight is None:
+        stored = affine.weight.T if gemm and trans_b else affine.weight
+        weight = factor_constant(context, f"{name}_weight", stored, dtype)
     template.attrs = {}
     template.domain = None
     nodes = [template]
     if affine.kind == CONV:
-        weight = factor_constant(context, f"{name}_weight", affine.weight, dtype)
         template.op = "Conv"
         template.attrs = {**affine.geometry, "kernel_shape": list(affine.weight.shape[2:])}
         bias = [] if affine.bias is None else [factor_constant(context, f"{name}_bias", affine.bias, dtype)]
         template.inputs = [x, weight, *bias]
         template.outputs = [y]
     elif gemm:
-        stored = affine.weight.T if trans_b else affine.weight
         template.op = "Gemm"
         template.attrs = {"transB": 1} if trans_b else {}
         bias = [] if affine.bias is None else [factor_constant(context, f"{name}_bias", affine.bias, dtype)]
-        template.inputs = [x, factor_constant(context, f"{name}_weight", stored, dtype), *bias]
+        template.inputs = [x, weight, *bias]
         template.outputs = [y]
     else:
         template.op = "MatMul"
-        template.inputs = [x, factor_constant(context, f"{name}_weight", affine.weight, dtype)]
+        template.inputs = [x, weight]
         if affine.bias is None:
             template.outputs = [y]
         else:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -11,13 +13,13 @@ import onnx_graphsurgeon as gs
 
 from ..forms import LayerGeometry
 from ..numerics import ranks as R
-from ..numerics.svd import relative_error_by_rank, split_factors, svd
+from ..numerics.svd import gram_energies, relative_error_by_rank, single_threaded_blas, split_factors, svd
 from ..numerics.tucker import relative_error
 from ..numerics.whitening import corrected_weight, whitened_svd
 from ..rank_allocation import LayerSpectrum
 from ..rank_choice import MeasuredDecision, RankDecision, choose_matrix_rank, measure_matrix_rank, screen_matrix_rank
-from ._weights import prior_choice, record_choice, storage_dtype, weight_key, weight_source
-from .base import LayerRecord, PassContext, factor_constant, new_name
+from ._weights import prior_choice, read_values, record_choice, storage_dtype, weight_key, weight_source
+from .base import LayerRecord, PassContext, factor_constant, layer_name, new_name
 
 
 @dataclass
@@ -27,6 +29,34 @@ class MatrixFactors:
     first: np.ndarray
     second: np.ndarray
     record: LayerRecord
+
+
+def screen_weights(context: PassContext, candidates: Iterable) -> None:
+    """The Gram eigenvalues that the rank rule's screen (rank_choice.screen_matrix_rank) reads, for
+    every candidate layer it will screen, computed together on all cores: the layers are
+    independent, and each one's eigensolver runs on one BLAS thread (single_threaded_blas), so a
+    pass that screened them one by one would leave the other cores idle. The values are the ones
+    the screen would compute itself (singular values do not change under a transpose or a 1x1
+    conv's reshape), so every decision is the same."""
+    if context.options.rank_rule.kind in ("rank", "ratio") or context.state.survey is not None:
+        return
+    layers = context.layers
+    todo = {}
+    for candidate in candidates:
+        name, weight = layer_name(candidate.node), candidate.weight
+        if (candidate.refusal is None and weight.name not in context.state.energies and name not in layers.dense
+                and name not in layers.grams and name not in layers.ranks and prior_choice(context, weight) is None):
+            todo[weight.name] = weight
+    workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if workers < 2:
+        return   # the screen computes them itself, as it goes
+
+    def energies(weight: gs.Constant):
+        w = read_values(weight)
+        return gram_energies(w.reshape(w.shape[0], -1))
+
+    with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
+        context.state.energies.update(zip(todo, pool.map(energies, todo.values())))
 
 
 def factorize_matrix(context: PassContext, weight: gs.Constant, w: np.ndarray, record: LayerRecord,
@@ -65,7 +95,7 @@ def _factorize(context: PassContext, weight: gs.Constant, w: np.ndarray, record:
     if (name not in cache and name not in context.layers.grams and context.state.survey is None and prior is None
             and name not in context.layers.ranks):
         # most layers of a trained model are refused: decide that without their SVDs
-        refusal = screen_matrix_rank(w, context.options)
+        refusal = screen_matrix_rank(w, context.options, context.state.energies.get(weight.name))
         if refusal is not None:
             _record_decision(record, refusal, k, n)
             record.status, record.reason = "skipped", refusal.reason
@@ -109,7 +139,7 @@ def _factorize(context: PassContext, weight: gs.Constant, w: np.ndarray, record:
     else:
         record.weight_error = float(relative_error_by_rank(decomposition.s)[rank])
     record.params_after = record.macs_after = R.matrix_macs(k, n, rank)
-    dtype = weight.values.dtype
+    dtype = weight.dtype
     return MatrixFactors(first.astype(dtype), second.astype(dtype), record)
 
 

@@ -95,3 +95,11 @@ def record_choice(context: PassContext, weight: gs.Constant, layer: str, ranks: 
     """The first decision on a weight stands for every later layer that reads it."""
     if context.state.survey is None:
         context.state.choices.setdefault(weight_key(context, weight.name), WeightChoice(layer, ranks, method))
+
+
+def read_values(tensor: gs.Constant) -> np.ndarray:
+    """A constant's values, without keeping them in the graph: gs keeps what `.values` loads, so
+    passes that only look at the weights (to refuse them, as at the default tolerance) would hold
+    a second copy of every weight until export. A weight a pass changes becomes a new constant."""
+    values = tensor._values
+    return values.load() if isinstance(values, gs.ir.tensor.LazyValues) else values

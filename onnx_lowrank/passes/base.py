@@ -64,6 +64,9 @@ class RewriteState:
     # a survey run (data_aware.allocate.survey): the decompose passes record each layer's spectrum
     # here and rewrite nothing; None in a rewrite
     survey: dict[str, object] | None = None
+    # weight name -> its Gram eigenvalues and their error bound (numerics.svd.gram_energies),
+    # computed for a whole pass at once on every core (_matrix.screen_weights)
+    energies: dict[str, tuple] = field(default_factory=dict)
 
     def fresh(self, names: set[str] | None = None, survey: dict | None = None) -> "RewriteState":
         """A new run's state: these names (default: the ones in use now), the same folds."""

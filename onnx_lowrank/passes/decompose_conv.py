@@ -25,7 +25,7 @@ from ..numerics.conv_attrs import conv_attrs
 from ._conv_forms import plan_conv
 from ._geometry import conv_geometry
 from ._matrix import factorize_matrix, record_measurement, shared_constants
-from ._weights import prior_choice, record_choice
+from ._weights import prior_choice, read_values, record_choice
 from .base import LayerRecord, PassContext, PassResult, apply_to_nodes, layer_name, new_name, output_positions
 from .candidates import match
 
@@ -57,7 +57,7 @@ def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecor
 
 def _rewrite_1x1(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: LayerRecord,
                  context: PassContext) -> None:
-    w = weight.values
+    w = read_values(weight)
     out_ch, in_ch = w.shape[:2]
     factors = factorize_matrix(context, weight, w.reshape(out_ch, in_ch), record, input_axis=1,
                                geometry=conv_geometry(context, node, w.shape))
@@ -73,7 +73,7 @@ def _rewrite_1x1(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: La
 
 def _rewrite_kxk(graph: gs.Graph, node: gs.Node, weight: gs.Constant, record: LayerRecord,
                  context: PassContext) -> None:
-    w = weight.values
+    w = read_values(weight)
     out_ch, in_ch, *kernel_dims = w.shape
     stride = conv_attrs(node.attrs, kernel_dims).stride
     record.params_before = w.size

@@ -16,15 +16,18 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ._geometry import matmul_geometry
-from ._matrix import factorize_matrix, shared_constants
-from .base import LayerRecord, PassContext, PassResult, apply_to_nodes, new_name, output_positions
+from ._matrix import factorize_matrix, screen_weights, shared_constants
+from .base import LayerRecord, PassContext, PassResult, apply_to_nodes, new_name, output_positions, walk_graphs
 from .candidates import match
+from ._weights import read_values
 
 NAME = "decompose_gemm"
 DEFAULT_OPSET = 11   # a model without a default-domain opset import
 
 
 def decompose_gemm(graph: gs.Graph, context: PassContext) -> PassResult:
+    screen_weights(context, [c for g in walk_graphs(graph) for node in g.nodes if node.op == "Gemm"
+                             and (c := match(node, context.options)) is not None])
     return apply_to_nodes(graph, context, _rewrite)
 
 
@@ -42,7 +45,8 @@ def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecor
     if candidate.refusal:
         record.reason = candidate.refusal
         return record
-    w = weight.values.T if trans_b else weight.values   # [K, N] as applied
+    w = read_values(weight)
+    w = w.T if trans_b else w   # [K, N] as applied
     geometry = matmul_geometry(context, node.inputs[0], *w.shape, transposed_input=bool(trans_a))
     factors = factorize_matrix(context, weight, w, record, geometry=geometry)
     if factors is None:

@@ -13,14 +13,17 @@ import math
 import onnx_graphsurgeon as gs
 
 from ._geometry import matmul_geometry
-from ._matrix import factorize_matrix, shared_constants
-from .base import LayerRecord, PassContext, PassResult, apply_to_nodes, new_name, output_positions
+from ._matrix import factorize_matrix, screen_weights, shared_constants
+from .base import LayerRecord, PassContext, PassResult, apply_to_nodes, new_name, output_positions, walk_graphs
 from .candidates import match
+from ._weights import read_values
 
 NAME = "decompose_matmul"
 
 
 def decompose_matmul(graph: gs.Graph, context: PassContext) -> PassResult:
+    screen_weights(context, [c for g in walk_graphs(graph) for node in g.nodes if node.op == "MatMul"
+                             and (c := match(node, context.options)) is not None])
     return apply_to_nodes(graph, context, _rewrite)
 
 
@@ -36,7 +39,7 @@ def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecor
     if candidate.refusal:
         record.reason = candidate.refusal
         return record
-    w = weight.values
+    w = read_values(weight)
     geometry = matmul_geometry(context, candidate.x, *w.shape, weight_first=weight_first)
     factors = factorize_matrix(context, weight, w, record, input_axis=int(weight_first), geometry=geometry)
     if factors is None:

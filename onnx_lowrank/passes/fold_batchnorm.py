@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..numerics.affine import CONV, representable
@@ -59,8 +60,13 @@ def _fold(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecord |
     if not representable(affine, unit.dtype):
         return LayerRecord(name=name, op=linear, pass_name=NAME, weight_shape=weight_shape, status="skipped",
                            reason=f"the folded weight overflows {unit.dtype}")
+    # a fold that only moves a bias (an Add, a zero shift dropped) leaves the weight as stored
+    same_weight = (before is None and all(np.all(scale == 1) for scale, _ in unit.steps)
+                   and float(node.attrs.get("alpha", 1.0)) == 1.0 and isinstance(node.inputs[1], gs.Constant)
+                   and node.inputs[1].dtype == unit.dtype)
+    weight = node.inputs[1] if same_weight else None
     detach(unit.nodes)
-    write_affine(graph, context, affine, unit.x, unit.y, node, unit.dtype, unit.gemm, unit.trans_b)
+    write_affine(graph, context, affine, unit.x, unit.y, node, unit.dtype, unit.gemm, unit.trans_b, weight)
     params = math.prod(weight_shape)
     return LayerRecord(name=name, op=linear, pass_name=NAME, weight_shape=weight_shape, status="folded",
                        reason=f"folded {', '.join(folded)} into {linear}", params_before=params, params_after=params)
