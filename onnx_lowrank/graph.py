@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import math
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -85,7 +87,15 @@ def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     _restore_lazy(graph, original)
     originals = {name: base for base, name in duplicate_node_names(original).values()}
-    model = gs.export_onnx(graph, do_type_check=False)
+    with _stubbed_weights(graph) as sources:
+        model = gs.export_onnx(graph, do_type_check=False)
+    for g in _all_graphs(model):   # each unchanged weight's bytes copied once, into their place
+        for tensor in g.initializer:
+            source = sources.get(tensor.name)
+            if source is not None:
+                name = tensor.name
+                tensor.CopyFrom(source)
+                tensor.name = name
     _hoist_shared_initializers(model)
     if originals:
         for g in _all_graphs(model):
@@ -96,6 +106,35 @@ def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
             model.ClearField(descriptor.name)
     copy_fields(original, model, but="graph")
     return model
+
+
+class _stubbed_weights:
+    """While gs exports, each weight a pass did not change (still the input's own TensorProto)
+    stands in as a stub without its bytes: gs's exporter, onnx.helper.make_graph and make_model
+    each copy what they are given, and on the weights that would be three copies of the model at
+    once. Yields {name: the input's tensor}; the graph gets its lazy values back afterwards."""
+
+    def __init__(self, graph: gs.Graph, threshold: int = 1024):
+        self.graph, self.threshold, self.lazy = graph, threshold, []
+
+    def __enter__(self) -> dict[str, onnx.TensorProto]:
+        sources = {}
+        for g in [self.graph, *self.graph.subgraphs(recursive=True)]:
+            for tensor in g.tensors().values():
+                values = getattr(tensor, "_values", None)
+                if (type(values) is not gs.ir.tensor.LazyValues or not values.tensor.HasField("raw_data")
+                        or tensor_nbytes(values.tensor) < self.threshold):
+                    continue
+                stub = onnx.TensorProto(name=tensor.name, data_type=values.tensor.data_type)
+                stub.dims.extend(values.tensor.dims)
+                self.lazy.append((tensor, values))
+                tensor._values = gs.ir.tensor.LazyValues(stub)
+                sources[tensor.name] = values.tensor
+        return sources
+
+    def __exit__(self, *_) -> None:
+        for tensor, values in self.lazy:
+            tensor._values = values
 
 
 def _hoist_shared_initializers(model: onnx.ModelProto) -> None:
@@ -127,14 +166,18 @@ def _hoist_shared_initializers(model: onnx.ModelProto) -> None:
 def copy_fields(source, target, but: str) -> None:
     """Every set field of protobuf message `source` into `target`, except the field named `but`."""
     for descriptor, value in source.ListFields():
-        if descriptor.name == but:
-            continue
-        if _is_repeated(descriptor):
-            getattr(target, descriptor.name).extend(value)
-        elif descriptor.message_type is not None:
-            getattr(target, descriptor.name).CopyFrom(value)
-        else:
-            setattr(target, descriptor.name, value)
+        if descriptor.name != but:
+            copy_field(target, descriptor, value)
+
+
+def copy_field(target, descriptor, value) -> None:
+    """Set the field `descriptor` of protobuf message `target` to `value` (ListFields' pair)."""
+    if _is_repeated(descriptor):
+        getattr(target, descriptor.name).extend(value)
+    elif descriptor.message_type is not None:
+        getattr(target, descriptor.name).CopyFrom(value)
+    else:
+        setattr(target, descriptor.name, value)
 
 
 def _restore_lazy(graph: gs.Graph, original: onnx.ModelProto) -> None:
@@ -216,15 +259,31 @@ def model_size(model: onnx.ModelProto) -> int:
     return structure_only(model).ByteSize() + big
 
 
+def resident_size(model: onnx.ModelProto) -> int:
+    """model_size less the weights still in the input's data file: what the model holds in memory."""
+    lazy = sum(tensor_nbytes(t) for t in _get_all_tensors(model) if external_base(t) is not None)
+    return model_size(model) - lazy
+
+
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    """Bytes of a tensor's data, from its size alone: reading `raw_data` from Python copies it,
-    which for a 1 GB weight is 1 GB more at the worst moment. Protobuf's own size of the message
-    (not serialized, so not copied) gives it within the few bytes of the header; an external
-    tensor's is its recorded length."""
+    """Bytes of a tensor's data, from its dims and type alone: reading `raw_data` from Python
+    copies it, and protobuf's ByteSize serializes the message to measure it (a 1 GB weight is
+    1 GB more, at the worst moment). An external tensor's is its recorded length; a string
+    tensor's, its serialized size."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         entries = {e.key: e.value for e in tensor.external_data}
         return int(entries.get("length", 0))
-    return tensor.ByteSize()
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return tensor.ByteSize()
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (count + 1) // 2
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+#: Element types stored two to a byte.
+_PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
+                if hasattr(onnx.TensorProto, name)}
 
 
 def external_base(tensor: onnx.TensorProto) -> str | None:

@@ -12,7 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError, OutputError, first_line
-from .graph import BASEPATH, copy_fields, external_base, model_size, structure_only, tensor_nbytes
+from .graph import BASEPATH, copy_field, copy_fields, external_base, model_size, structure_only, tensor_nbytes
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -153,40 +153,71 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     Returns the files written. The data file is renamed into place before the model, so a reader
     never sees a model whose data is missing.
     """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    with staged_output(path) as staged:
+        write_model(model, staged.path, external_data)
+    return staged.written
+
+
+def write_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
+    """Write the model to `path` as it stands (save_model's writer, not atomic by itself)."""
     if external_data is None:
         external_data = model_size(model) >= PROTOBUF_LIMIT or any(
             external_base(t) is not None for t in model.graph.initializer)
-    data_name = f"{path.name}.data"
+    if not external_data and model_size(model) >= PROTOBUF_LIMIT:
+        raise OutputError(f"the model is {model_size(model) / 2**30:.1f} GB, over the 2 GB protobuf "
+                          "limit of a single .onnx file; use --external-data")
+    data_file = path.with_name(f"{path.name}.data")
+    data_file.unlink(missing_ok=True)   # a rewrite of the staged model may go inline
     try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+        with open(path, "wb") as out:
+            _write_model(model, out, data_file if external_data else None)
     except OSError as exc:
-        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    try:
-        shell = _write_tensors(model, tmpdir / data_name if external_data else None)
+        raise OutputError(f"cannot write '{path.name}': {exc.strerror or exc}") from None
+
+
+class staged_output:
+    """`with staged_output(path) as staged:` write `staged.path` (and its `.data` file); when the
+    block ends without an error and `staged.keep` is still true, they replace `path` (the data
+    file first, so a reader never sees a model whose data is missing); otherwise nothing of them
+    is left behind. `staged.written` lists the files put in place."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.target = Path(path)
+        self.keep, self.written = True, []
+
+    def __enter__(self) -> "staged_output":
+        parent = self.target.parent if str(self.target.parent) else Path(".")
         try:
-            data = shell.SerializeToString()
-        except ValueError:   # protobuf refuses messages over 2 GB
-            raise OutputError(f"the model is {model_size(model) / 2**30:.1f} GB, over the 2 GB protobuf "
-                              "limit of a single .onnx file; use --external-data") from None
-        (tmpdir / path.name).write_bytes(data)
-        written = []
-        mode = 0o666 & ~_umask()   # what a plain open() would have given; mkdtemp's files are 0600
-        for name in ([data_name] if (tmpdir / data_name).exists() else []) + [path.name]:
-            os.chmod(tmpdir / name, mode)
-            os.replace(tmpdir / name, parent / name)
-            written.append(parent / name)
-        return written
-    except OSError as exc:
-        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+            self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=parent))
+        except OSError as exc:
+            raise OutputError(f"cannot write '{self.target}': {exc.strerror or exc}") from None
+        self.path = self.tmpdir / self.target.name
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        try:
+            if kind is None and self.keep:
+                parent = self.tmpdir.parent
+                data = f"{self.target.name}.data"
+                mode = 0o666 & ~_umask()   # what a plain open() would have given; mkdtemp's files are 0600
+                for name in ([data] if (self.tmpdir / data).exists() else []) + [self.target.name]:
+                    os.chmod(self.tmpdir / name, mode)
+                    os.replace(self.tmpdir / name, parent / name)
+                    self.written.append(parent / name)
+        except OSError as exc:
+            raise OutputError(f"cannot write '{self.target}': {exc.strerror or exc}") from None
+        finally:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def _write_tensors(model: onnx.ModelProto, data_file: Path | None, threshold: int = 1024) -> onnx.ModelProto:
-    """The model to serialize: `model` less its large initializers, which go to `data_file` (or,
-    when None, inline) from wherever they are now, memory or the input's data file.
+def _write_model(model: onnx.ModelProto, out, data_file: Path | None, threshold: int = 1024) -> None:
+    """Serialize `model` into `out`, its large initializers into `data_file` (or, when None, inline)
+    from wherever they are now, memory or the input's data file.
+
+    Protobuf serializes a message whole: a model of S bytes would be S more in memory while it is
+    written, and a copy of it (to move the weights out) S more again. So the main graph's
+    initializers are written one by one after the rest of the model, each as its own field: a
+    message's fields may come in any order on the wire, and a repeated field's elements keep theirs.
 
     onnx.save_model(save_as_external_data=True) cannot serve here: it needs every tensor's bytes in
     memory, moves them out of the caller's model, and refuses when a file named like the data file
@@ -197,38 +228,117 @@ def _write_tensors(model: onnx.ModelProto, data_file: Path | None, threshold: in
     shell = onnx.ModelProto()
     copy_fields(model, shell, but="graph")
     copy_fields(model.graph, shell.graph, but="initializer")
-    moves = []
+    # lazily external tensors elsewhere (subgraph initializers, attributes) are small enough to copy
+    inline = [t for t in _get_all_tensors(shell) if external_base(t) is not None]
+    entries = []   # (the tensor as written: the caller's own or a stub, where its bytes come from)
     for tensor in model.graph.initializer:
         lazy = external_base(tensor) is not None
         if lazy or (data_file is not None and tensor.HasField("raw_data") and tensor_nbytes(tensor) >= threshold):
-            stub = shell.graph.initializer.add()
-            stub.name, stub.data_type, stub.doc_string = tensor.name, tensor.data_type, tensor.doc_string
-            stub.dims.extend(tensor.dims)
-            moves.append((stub, tensor))
+            entries.append((_stub_of(tensor), tensor))
         else:
-            shell.graph.initializer.append(tensor)
-    # lazily external tensors elsewhere (subgraph initializers, attributes) were copied as they are
-    moves += [(t, t) for t in _get_all_tensors(shell) if external_base(t) is not None]
-    if data_file is None:
-        for target, source in moves:
-            data = _tensor_bytes(source)
-            _reset(target)
-            target.raw_data = data
-        return shell
-    with open(data_file, "wb") as out:
-        for target, source in moves:
-            offset = out.tell()
-            if external_base(source) is not None:
-                _copy_external(source, out)
-            else:
-                out.write(source.raw_data)
-            length = out.tell() - offset
-            _reset(target)
-            target.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_file.name), ("offset", str(offset)), ("length", str(length))):
-                entry = target.external_data.add()
-                entry.key, entry.value = key, value
-    return shell
+            entries.append((tensor, None))
+    data = open(data_file, "wb") if data_file is not None else None
+    try:
+        for target in inline:
+            _place(target, target, data)
+        sizes = []
+        for target, source in entries:
+            if source is not None and data is not None:
+                _place(target, source, data)   # a stub that points at the data file: small
+            sizes.append(_serialized_size(target) if source is None or data is not None
+                         else target.ByteSize() + _field_size(_RAW_DATA, tensor_nbytes(source)))
+    finally:
+        if data is not None:
+            data.close()
+    graph_head, graph_tail = _around(shell.graph, _INITIALIZER)
+    model_head, model_tail = _around(shell, _GRAPH)
+    out.write(model_head)
+    out.write(_key(_GRAPH) + _varint(len(graph_head) + len(graph_tail)
+                                     + sum(_field_size(_INITIALIZER, n) for n in sizes)))
+    out.write(graph_head)
+    for (target, source), size in zip(entries, sizes):
+        out.write(_key(_INITIALIZER) + _varint(size))
+        if source is None and target.HasField("raw_data"):
+            raw = target.raw_data   # one copy of the bytes; serializing the tensor would make two
+        elif source is not None and data is None:
+            raw = _tensor_bytes(source)   # read in from its file now, one tensor at a time
+        else:
+            out.write(target.SerializeToString())
+            continue
+        before, after = _around(target, _RAW_DATA)
+        out.write(before + _key(_RAW_DATA) + _varint(len(raw)))
+        out.write(raw)
+        del raw
+        out.write(after)
+    out.write(graph_tail)
+    out.write(model_tail)
+
+
+#: Field numbers on the wire: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)   # wire type 2: length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field_size(field: int, length: int) -> int:
+    return len(_key(field)) + len(_varint(length)) + length
+
+
+def _serialized_size(tensor: onnx.TensorProto) -> int:
+    """tensor.ByteSize() without serializing the tensor to measure it, which protobuf does."""
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    rest = onnx.TensorProto()
+    copy_fields(tensor, rest, but="raw_data")
+    return rest.ByteSize() + _field_size(_RAW_DATA, tensor_nbytes(tensor))
+
+
+def _around(message, number: int) -> tuple[bytes, bytes]:
+    """The fields of `message` numbered below and above `number`, each part serialized. With that
+    field written between them this is protobuf's own order (ascending field numbers), so a file
+    is byte for byte what SerializeToString would have written."""
+    before, after = type(message)(), type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.number != number:
+            copy_field(before if descriptor.number < number else after, descriptor, value)
+    return before.SerializeToString(), after.SerializeToString()
+
+
+def _stub_of(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, doc_string=tensor.doc_string)
+    stub.dims.extend(tensor.dims)
+    return stub
+
+
+def _place(target: onnx.TensorProto, source: onnx.TensorProto, data) -> None:
+    """`target` holds `source`'s bytes: inline (data None) or as a reference into the data file."""
+    if data is None:
+        raw = _tensor_bytes(source)
+        _reset(target)
+        target.raw_data = raw
+        return
+    offset = data.tell()
+    if external_base(source) is not None:
+        _copy_external(source, data)
+    else:
+        data.write(source.raw_data)
+    length = data.tell() - offset
+    _reset(target)
+    target.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", Path(data.name).name), ("offset", str(offset)), ("length", str(length))):
+        entry = target.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def _reset(tensor: onnx.TensorProto) -> None:

@@ -68,3 +68,31 @@ def test_save_does_not_change_the_callers_model(tmp_path):
     assert model.SerializeToString() == snapshot
     assert (tmp_path / "ext.onnx.data").stat().st_size == LOW.nbytes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary left
+
+
+def test_an_inline_save_is_byte_for_byte_what_protobuf_writes(tmp_path):
+    """save_model streams the weights one at a time (no second copy of the model in memory), and the
+    file is still protobuf's own serialization: fields in order, subgraphs, metadata and small
+    typed-data constants included."""
+    then_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "FULL"], ["y"])], "then", [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    else_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "else", [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(FULL[:3], "unused_in_branch")])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["flag"], ["y"], then_branch=then_branch, else_branch=else_branch)], "g",
+        [onnx.helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, []),
+         onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 96])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 96])],
+        [onnx.numpy_helper.from_array(FULL, "FULL"),
+         onnx.helper.make_tensor("typed", onnx.TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]),
+         onnx.helper.make_tensor("packed", onnx.TensorProto.INT4, [3], np.array([1, 2, 3], np.int8).tobytes()[:2],
+                                 raw=True)],
+        doc_string="graph doc")
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8,
+                                   doc_string="model doc", producer_name="test")
+    onnx.helper.set_model_props(model, {"author": "us"})
+    save_model(model, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
