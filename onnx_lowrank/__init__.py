@@ -7,11 +7,11 @@
 
 from .errors import LowRankError, ModelLoadError, OptionError, OutputError, RuntimeUnavailableError
 from .io import load_model, save_model
-from .optimize import optimize
+from .optimize import optimize, optimize_file
 from .options import Options
 from .report import LayerRecord, ParityResult, Report
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "Options", "Report", "LayerRecord", "ParityResult", "load_model", "save_model",
+__all__ = ["optimize", "optimize_file", "Options", "Report", "LayerRecord", "ParityResult", "load_model", "save_model",
            "LowRankError", "ModelLoadError", "OptionError", "OutputError", "RuntimeUnavailableError"]

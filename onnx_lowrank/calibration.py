@@ -155,7 +155,9 @@ def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: Calibr
     grams: dict[tuple, np.ndarray] = {}
     rows: dict[tuple, int] = {key: 0 for key in keys}
     samples = 0
-    for count, (values,), mask in _captures([model], specs, data, start, stop, provider, batch_size):
+    captures = _captures([model], specs, data, start, stop, provider, batch_size)
+    del model   # the session holds the weights from here on: a model only this call holds is freed
+    for count, (values,), mask in captures:
         for key in keys:
             computed, x = _layer_rows(values[key[0]], key, mask)
             rows[key] += computed
@@ -195,8 +197,9 @@ def _captures(models: list[onnx.ModelProto], specs: list[CaptureSpec], data: Cal
               stop: int | None, provider: str, batch_size: int
               ) -> Iterator[tuple[int, list[dict[str, np.ndarray]], np.ndarray | None]]:
     """Per batch: its sample count, each model's captured tensors by name, and the padding mask."""
-    config = runtime.SessionConfig(provider=provider, optimize=False)
+    config = runtime.SessionConfig(provider=provider, optimize=False, prepack=False)
     sessions = [runtime.make_session(_capture_model(model, specs), config) for model in models]
+    models.clear()   # nothing here needs them again (collect_grams lets its model go)
     input_names = [i.name for i in sessions[0].get_inputs()]
     mask_name = _mask_input(sessions[0])
     for batch in data.batches(start, stop, batch_size):

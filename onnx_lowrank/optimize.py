@@ -21,7 +21,7 @@ from .gate import gate_for, gate_tolerances
 from .graph import (count_parameters, export_graph, import_graph, materialize, model_size, quantized_op_counts,
                     structure_only, tensor_names, weight_bytes)
 from .inputs import input_hints
-from .io import check_input_model, load_model_with_info
+from .io import check_input_model, load_model_with_info, staged_output, write_model
 from .latency import latency_for
 from .options import Options
 from .parity import check_parity
@@ -55,8 +55,62 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
 
     What comes back is the input itself whenever the rewrite does not pay: nothing decomposed,
     factors that would add bytes, or (with --measure) a whole model that measures slower.
+    optimize_file does the same from file to file in less memory.
     """
-    options = _options(options, kwargs)
+    rewritten = _rewrite(model, _options(options, kwargs), on_layer, on_calibration)
+    return _run_checks(rewritten, rewritten.optimized), rewritten.report
+
+
+def optimize_file(source: str | os.PathLike, output: str | os.PathLike, options: Options | None = None, *,
+                  external_data: bool | None = None, keep_failed: bool = False,
+                  on_layer: Callable[[str], None] | None = None, on_calibration: Callable[[int], None] | None = None,
+                  **kwargs: Any) -> Report:
+    """optimize() from file to file, the CLI's way: the rewritten model is written (staged beside
+    `output`) and dropped before ONNX Runtime loads either model, so the parity check holds one
+    model in one session at a time and the peak is bounded by the model, not a multiple of it.
+    `output` appears only when the parity check passed, or with keep_failed; external_data None
+    keeps the input's choice. Returns the report; the written model is the one it describes."""
+    rewritten = _rewrite(source, _options(options, kwargs), on_layer, on_calibration)
+    report = rewritten.report
+    external = report.input_external_data if external_data is None else external_data
+    with staged_output(output) as staged:
+        if rewritten.optimized is rewritten.original:
+            write_model(rewritten.original, staged.path, external)
+            return report
+        # protobuf frees a message's memory only with the message: drop each model whole as soon
+        # as it is not needed (the reference is then read from its file)
+        if isinstance(rewritten.reference, str):
+            rewritten.original = None
+            _return_freed_memory()
+        write_model(rewritten.optimized, staged.path, external)
+        rewritten.optimized = None
+        _return_freed_memory()
+        written = _run_checks(rewritten, str(staged.path))
+        staged.keep = report.parity is None or report.parity.passed or keep_failed
+        if staged.keep and not isinstance(written, str):   # measured slower: the input is written
+            write_model(written, staged.path, external)
+    return report
+
+
+@dataclasses.dataclass
+class _Rewritten:
+    """What the rewrite hands the checks that run the models in ONNX Runtime."""
+    source: Any   # the caller's model or path
+    options: Options
+    original: onnx.ModelProto
+    optimized: onnx.ModelProto | None
+    report: Report
+    plan: Any
+    hints: dict
+    shape_notes: list[str]
+    fed: list[str]
+    tolerance: tuple | None = None   # parity_tolerance's (tolerance, per output, where it comes from)
+    reference: onnx.ModelProto | str | None = None
+
+
+def _rewrite(model, options: Options, on_layer, on_calibration) -> _Rewritten:
+    """load -> normalize -> (calibrate, allocate) -> decompose -> merge -> (data-aware finish) ->
+    quantize -> check: everything before ONNX Runtime runs the result."""
     unknown = sorted(set(options.skip) - {entry.name for entry in PIPELINE})
     if unknown:
         raise OptionError(f"--skip: unknown pass {', '.join(unknown)}; passes: {', '.join(e.name for e in PIPELINE)}")
@@ -111,28 +165,51 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, options: Options | None
     if not report.decomposed:
         report.notes.append(_nothing_done(report, options))
     _measure_sizes(report, original, optimized)
+    rewritten = _Rewritten(model, options, original, optimized, report, plan, hints, shape_notes,
+                           data_aware.fed_inputs(optimized))
+    if optimized is not original:
+        # the parity tolerance reads the model's types; computed while its weights are still here
+        rewritten.tolerance = parity_tolerance(report, options, optimized)
     del graph, context, snapshot   # gs's lazy constants hold the original's tensors; release them first
-    reference = _release_if_owned(model, original, optimized)
+    rewritten.reference = _release_if_owned(model, original, optimized)
     _return_freed_memory()
+    return rewritten
 
-    if options.validate and optimized is not original:
-        tolerance, per_output, source_note = parity_tolerance(report, options, original if reference is original
-                                                              else optimized)
+
+def _run_checks(rewritten: _Rewritten, optimized: onnx.ModelProto | str) -> onnx.ModelProto | str:
+    """Parity (the quality gate), never-slower and --bench on the rewritten model, given as a
+    model or as the file it was written to; returns what is to be written: it, or the input when
+    it measured slower."""
+    report, options, reference = rewritten.report, rewritten.options, rewritten.reference
+    changed = isinstance(optimized, str) or optimized is not rewritten.original
+    plan, hints = rewritten.plan, rewritten.hints
+    if options.validate and changed:
+        tolerance, per_output, source_note = rewritten.tolerance
         report.parity = check_parity(reference, optimized, tolerance=tolerance, per_output=per_output,
                                      tolerance_source=source_note, provider=options.provider, shapes=options.shape,
                                      batch=options.batch, seed=options.seed, hints=hints,
                                      samples=data_aware.parity_samples(plan))
-    elif shape_notes:
-        report.notes.extend(shape_notes)
+    elif rewritten.shape_notes:
+        report.notes.extend(rewritten.shape_notes)
     passed = report.parity is None or report.parity.passed
     _return_freed_memory()
-    if optimized is not original and passed and options.measure and not options.allow_slower:
-        optimized = _not_slower(reference, optimized, original, model, plan, hints, report, options)
+    if changed and passed and options.measure and not options.allow_slower:
+        if report.decomposed or report.quantized:
+            optimized = _not_slower(reference, optimized, rewritten, options)
+        else:
+            report.notes.append(EXACT_ONLY_NOT_TIMED)
     if options.bench:
         report.bench = bench([reference, optimized], config=SessionConfig(provider=options.provider),
                              labels=["original", "optimized"], shapes=options.shape, batch=options.batch,
                              seed=options.seed, hints=hints)
-    return optimized, report
+    return optimized
+
+
+#: Why a model that only the exact rewrites changed is not timed against the original: each of them
+#: removes nodes or multiply-adds (merges only where the merged layer is cheaper), and timing two
+#: sessions side by side holds the model's weights twice more.
+EXACT_ONLY_NOT_TIMED = ("not timed against the original: only exact rewrites applied, each of which removes nodes or "
+                        "multiply-adds; `onnx-lowrank bench INPUT OUTPUT` times the whole model")
 
 
 #: A rewritten model that measures below this fraction of the original's speed is not written:
@@ -187,12 +264,14 @@ def _within_bytes(optimized: onnx.ModelProto, original: onnx.ModelProto, snapsho
     return rewritten, context
 
 
-def _not_slower(reference, optimized: onnx.ModelProto, original: onnx.ModelProto, model, plan, hints,
-                report: Report, options: Options) -> onnx.ModelProto:
+def _not_slower(reference, optimized: onnx.ModelProto | str, rewritten: _Rewritten,
+                options: Options) -> onnx.ModelProto | str:
     """Time the written model against the original as a whole (interleaved, spinning off, on the
     provider asked for); one that is slower is not written: the input is."""
-    speed = data_aware.whole_model_speedup(reference, optimized, plan, options, hints,
-                                           report.parity.input_shapes if report.parity else None)
+    report, model = rewritten.report, rewritten.source
+    speed = data_aware.whole_model_speedup(reference, optimized, rewritten.plan, options, rewritten.hints,
+                                           report.parity.input_shapes if report.parity else None,
+                                           inputs=rewritten.fed)
     report.measured_speedup = round(speed, 3)
     target = options.target_speedup
     if target is not None and speed < target and gate_for(options).max_error is not None:

@@ -39,7 +39,7 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
     at the first candidate sizes the reference runs on (runtime.runnable_inputs). The provider is `config`'s if given, else
     `provider` with default settings. `per_output` overrides `tolerance` for the outputs it names.
     """
-    config = replace(config or runtime.SessionConfig(provider=provider), optimize=False)
+    config = replace(config or runtime.SessionConfig(provider=provider), optimize=False, prepack=False)
     # one session at a time: the reference's outputs are kept, not its session, so the weights of
     # the two models are never held by ONNX Runtime together
     ref_session = runtime.make_session(reference, config)

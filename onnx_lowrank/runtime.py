@@ -36,7 +36,6 @@ GPU_INSTALL_HINT = {
     "tensorrt": "pip install 'onnx-lowrank[gpu]' (onnxruntime-gpu) and the CUDA, cuDNN and TensorRT versions "
                 "it was built for",
 }
-_PROTO_LIMIT = 2**31 - 1
 
 
 def ort_version() -> str:
@@ -61,6 +60,8 @@ class SessionConfig:
     optimize: bool = True                # ORT graph optimizations (off for parity: compare our rewrite,
                                          # not the runtime's fusions)
     spinning: bool = True                # off when two sessions alternate on few cores
+    prepack: bool = True                 # off for sessions that run a few batches (calibration,
+                                         # parity): packed weight copies would hold them twice
     device_id: int = 0                   # GPU ordinal for cuda / tensorrt
     trt_fp16: bool = False               # let TensorRT pick fp16 kernels
     trt_engine_cache: str | None = None  # directory where TensorRT keeps built engines between runs
@@ -128,6 +129,8 @@ def session_options(config: SessionConfig):
     if not config.spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not config.prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if config.profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = config.profile_prefix
@@ -215,20 +218,25 @@ def end_profiling(session) -> Path:
     return Path(session.end_profiling())
 
 
+#: Above this size a model reaches ONNX Runtime as a file (streamed, io.save_model) rather than
+#: as bytes: the bytes would be one more copy of the weights beside the model and the session.
+_BYTES_LIMIT = 64 * 2**20
+
+
 class _model_source:
-    """(bytes, folder of external data still to read) for a model under the protobuf limit;
-    (a temporary file, None) for a larger one."""
+    """(bytes, folder of external data still to read) for a small model; (a temporary file, None)
+    for a larger one."""
 
     def __init__(self, model):
         self.model, self.tmpdir = model, None
 
     def __enter__(self):
-        from .graph import external_folder, for_runtime, model_size
+        from .graph import external_folder, for_runtime, resident_size
         from .io import save_model
 
         if not isinstance(self.model, onnx.ModelProto):
             return str(self.model), None
-        if model_size(self.model) < _PROTO_LIMIT:
+        if resident_size(self.model) < _BYTES_LIMIT:
             # weights still in the input's data file stay there, and ORT is told the folder
             folder = external_folder(self.model)
             return (for_runtime(self.model) if folder else self.model).SerializeToString(), folder

@@ -122,8 +122,8 @@ def _max_error(text: str) -> float | str:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..io import check_output_path, save_model
-    from ..optimize import optimize
+    from ..io import check_output_path
+    from ..optimize import optimize_file
     from ..options import Options, parse_shapes
     from ..views import gate_advice, gate_miss, human_bytes, render
 
@@ -142,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
     calibrating = tqdm(desc="calibrating", unit=" samples", disable=args.quiet or not args.calibration or None,
                        leave=False, file=sys.stderr)
     try:
-        model, report = optimize(args.input, options, on_layer=lambda name: (bar.set_postfix_str(name[-40:]), bar.update()),
-                                 on_calibration=calibrating.update)
+        report = optimize_file(args.input, output_path, options, external_data=args.external_data,
+                               keep_failed=args.force,
+                               on_layer=lambda name: (bar.set_postfix_str(name[-40:]), bar.update()),
+                               on_calibration=calibrating.update)
     finally:
         calibrating.close()
         bar.close()
@@ -155,8 +157,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"onnx-lowrank: parity FAILED: {gate_miss(report.parity)}: {output_path} not written; "
               f"{gate_advice(report.parity, calibrated=args.calibration is not None)}", file=sys.stderr)
         return 1
-    external = report.input_external_data if args.external_data is None else args.external_data
-    save_model(model, output_path, external_data=external)
     verdict = "" if report.parity is None else (
         f", UNGATED: output rel_l2 {max(o.rel_l2_error for o in report.parity.outputs):.3g}" if report.parity.ungated
         else f", parity {'PASSED' if report.parity.passed else 'FAILED'}")

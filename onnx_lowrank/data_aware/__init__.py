@@ -23,7 +23,6 @@ from typing import Callable
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph import export_graph
 from ..passes import PassContext, PassEntry
 from ..report import DataAwareOutcome, Report
 from . import allocate as _allocate
@@ -31,7 +30,7 @@ from . import back_off as _back_off
 from . import calibrate as _calibrate
 from . import correct as _correct
 from . import speed as _speed
-from .plan import (DataPlan, Snapshot, analysis_shapes, fit_batches, held_back_count, parity_samples,
+from .plan import (DataPlan, Snapshot, analysis_shapes, fed_inputs, fit_batches, held_back_count, parity_samples,
                    replace_records, rewrite, rewrite_snapshot)
 from .speed import whole_model_speedup
 
@@ -49,13 +48,13 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
     options = context.options
     if options.calibration is None and options.target is None:
         return None, context
-    plan = DataPlan(graph.copy(), set(context.state.names), export_graph(graph.copy(), original))
+    plan = DataPlan(graph.copy(), set(context.state.names))
     # the survey, the allocation, the rewrites and the back-off share each layer's SVD
     context = dataclasses.replace(context, cache={})
     report.data_aware = outcome = DataAwareOutcome()
     positions = None
     if options.calibration is not None:
-        grams, positions, outcome.calibration = _calibrate.calibrate(plan, graph, context, on_batch)
+        grams, positions, outcome.calibration = _calibrate.calibrate(plan, graph, original, context, on_batch)
         context = dataclasses.replace(context, layers=context.layers.with_(grams=grams))
         report.notes.append(_calibrate.describe(outcome.calibration))
     if options.target is not None:
@@ -76,5 +75,5 @@ def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
     return optimized
 
 
-__all__ = ["DataPlan", "Snapshot", "WEIGHT_ONLY_NOTE", "analysis_shapes", "finish", "fit_batches", "held_back_count",
+__all__ = ["DataPlan", "Snapshot", "WEIGHT_ONLY_NOTE", "analysis_shapes", "fed_inputs", "finish", "fit_batches", "held_back_count",
            "parity_samples", "prepare", "replace_records", "rewrite", "rewrite_snapshot", "whole_model_speedup"]

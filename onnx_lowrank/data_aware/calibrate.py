@@ -16,7 +16,7 @@ from ..report import CalibrationOutcome
 from .plan import DataPlan, held_back_count
 
 
-def calibrate(plan: DataPlan, graph, context: PassContext, on_batch: Callable[[int], None] | None = None
+def calibrate(plan: DataPlan, graph, original, context: PassContext, on_batch: Callable[[int], None] | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, float], CalibrationOutcome]:
     """(layer -> Gram, layer -> rows per sample, outcome); sets plan.data and plan.fit_stop."""
     options = context.options
@@ -25,7 +25,7 @@ def calibrate(plan: DataPlan, graph, context: PassContext, on_batch: Callable[[i
     checks = gate_for(options).max_error is not None and plan.data.samples >= 2
     plan.fit_stop = plan.data.samples - (held_back_count(plan.data.samples) if checks else 0)
     specs = capture_specs(graph, options)
-    calibration = collect_grams(plan.reference, specs, plan.data, stop=plan.fit_stop, provider=options.provider,
+    calibration = collect_grams(plan.reference(original), specs, plan.data, stop=plan.fit_stop, provider=options.provider,
                                 on_batch=on_batch)
     outcome = CalibrationOutcome(len(calibration.grams), calibration.samples, plan.data.samples - plan.fit_stop)
     return shared_grams(calibration.grams, specs, context), calibration.positions, outcome

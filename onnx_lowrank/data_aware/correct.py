@@ -58,13 +58,14 @@ def correct(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProt
     grams, cross_grams, patch_grams, cache = dict(context.layers.grams), {}, {}, {}
     corrected = dataclasses.replace(context, cache=cache, layers=context.layers.with_(
         grams=grams, cross_grams=cross_grams, patch_grams=patch_grams))
+    reference = plan.reference(original)
     for depth in sorted(set(depths.values())):
         level = [s for s in specs if depths[s.layer] == depth]
         partial = {**ranks, **{name: (rank if depths[name] < depth else None) for name, rank in final.items()}}
-        model = plan.reference if depth == min(depths.values()) else rewrite(plan, original, corrected, entries, partial)[0]
+        model = reference if depth == min(depths.values()) else rewrite(plan, original, corrected, entries, partial)[0]
         _drop_superseded(cache, (grams, cross_grams, context.layers.grams),
                          [name for name in final if depths[name] < depth])
-        pairs = collect_cross_grams(plan.reference, model, level, plan.data, stop=plan.fit_stop,
+        pairs = collect_cross_grams(reference, model, level, plan.data, stop=plan.fit_stop,
                                     provider=options.provider, on_batch=on_batch)
         for spec in level:
             gram, cross = pairs[spec.layer]

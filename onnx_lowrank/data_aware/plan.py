@@ -40,7 +40,6 @@ class Snapshot:
 class DataPlan:
     normalized: gs.Graph                    # snapshot before decompose, for later rewrites
     names: set[str]                         # names in use at the snapshot
-    reference: onnx.ModelProto              # the snapshot as a model: the activations to match
     data: CalibrationData | None = None
     fit_stop: int = 0                       # samples [0, fit_stop) calibrate, the rest are held back
     allocation: Allocation | None = None
@@ -54,6 +53,12 @@ class DataPlan:
     @property
     def snapshot(self) -> Snapshot:
         return Snapshot(self.normalized, self.names)
+
+    def reference(self, original: onnx.ModelProto) -> onnx.ModelProto:
+        """The snapshot as a model, whose activations the compressed model is to match: exported
+        afresh for each stage that runs it, since kept it would be one more copy of the weights
+        held through every stage."""
+        return export_graph(self.normalized.copy(), original)
 
 
 def rewrite(plan: DataPlan, original: onnx.ModelProto, context: PassContext, entries: list[PassEntry],

@@ -68,15 +68,17 @@ def describe(outcome: SpeedOutcome) -> str:
 def _measured_speedup(original: onnx.ModelProto, candidate: onnx.ModelProto, plan: DataPlan, options) -> float:
     return whole_model_speedup(original, candidate, plan, options)
 
-def whole_model_speedup(reference: onnx.ModelProto | str, candidate: onnx.ModelProto, plan: DataPlan | None,
-                        options, hints=None, shapes: dict[str, list[int]] | None = None) -> float:
+def whole_model_speedup(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, plan: DataPlan | None,
+                        options, hints=None, shapes: dict[str, list[int]] | None = None,
+                        inputs: list[str] | None = None) -> float:
     """latency(reference) / latency(candidate), timed interleaved with spinning off on the provider
     asked for: on the first calibration batch when there is one (the inputs the model is served),
-    else on generated inputs (at `shapes`, e.g. those the parity check ran on)."""
+    else on generated inputs (at `shapes`, e.g. those the parity check ran on). `inputs`: the
+    candidate's fed inputs, for a candidate given as a file."""
     config = SessionConfig(provider=options.provider)
     if plan is not None and plan.data is not None:
         batch = next(plan.data.batches(0, None))
         return bench([reference, candidate], config=config, plan=SPEED_PLAN,
-                     feeds={name: batch[name] for name in fed_inputs(candidate)}).speedup
+                     feeds={name: batch[name] for name in inputs or fed_inputs(candidate)}).speedup
     return bench([reference, candidate], config=config, plan=SPEED_PLAN, shapes=shapes or options.shape,
                  batch=options.batch, seed=options.seed, hints=hints).speedup
