@@ -221,6 +221,8 @@ class Report:
     measured_speedup: float | None = None   # whole model, original vs written, timed interleaved
     fallback: str = ""              # why the written model is the input, when it is
     quantized: str = ""             # --quantize int8: how ONNX Runtime's quantizer was run
+    wall_seconds: float | None = None   # the whole run, as the CLI timed it
+    peak_memory: int | None = None      # the process's peak resident set, bytes (CLI, where the OS says)
     data_aware: DataAwareOutcome | None = None   # what each data-aware stage did, as data
 
     @property

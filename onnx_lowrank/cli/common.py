@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -111,3 +112,22 @@ def check_side_outputs(outputs: dict[str, str | None], models: list[str | None])
         for model in models:
             if model is not None and Path(path).resolve() == Path(model).resolve():
                 raise OutputError(f"{flag} '{path}' is a model of this command; choose another path")
+
+
+def peak_memory() -> int | None:
+    """This process's peak resident set in bytes, or None where the OS does not tell (Windows).
+    On Linux, VmHWM: getrusage's ru_maxrss carries the parent's peak across fork and exec, so a
+    run started from a large process would report that process's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024   # macOS reports bytes, Linux KiB

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 from ..errors import OptionError
 from ..options import CONV_METHODS, DEFAULT_CACHE_DIR, measure_default
 from ..runtime import PROVIDERS
-from .common import add_layer_selection, check_side_outputs, float_arg, int_arg, skip_list, write_text
+from .common import add_layer_selection, check_side_outputs, float_arg, int_arg, peak_memory, skip_list, write_text
 
 #: The model `onnx-lowrank optimize` works on when given none: a low-rank MLP from models/.
 SAMPLE_MODEL = Path(__file__).resolve().parents[2] / "models" / "lowrank_mlp_small.onnx"
@@ -141,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(desc="decomposing", unit=" layers", disable=args.quiet or None, leave=False, file=sys.stderr)
     calibrating = tqdm(desc="calibrating", unit=" samples", disable=args.quiet or not args.calibration or None,
                        leave=False, file=sys.stderr)
+    start = time.perf_counter()
     try:
         report = optimize_file(args.input, output_path, options, external_data=args.external_data,
                                keep_failed=args.force,
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         calibrating.close()
         bar.close()
+    report.wall_seconds, report.peak_memory = round(time.perf_counter() - start, 2), peak_memory()
     if not args.quiet:
         print(render(report))
     if args.report:
@@ -166,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
         verdict += f"; written unchanged: {report.fallback}"
     if report.bench is not None:
         verdict += f", speedup {report.bench.speedup:.2f}x"
-    print(f"wrote {output_path} ({human_bytes(report.size_before)} -> {human_bytes(report.size_after)}, "
+    cost = f"{report.wall_seconds:.1f} s" + (f", peak memory {human_bytes(report.peak_memory)}"
+                                             if report.peak_memory else "")
+    print(f"wrote {output_path} ({human_bytes(report.size_before)} -> {human_bytes(report.size_after)}, {cost}, "
           f"{len(report.decomposed)} of {len(report.candidates)} layers decomposed{verdict})")
     return 0 if report.parity is None or report.parity.passed else 1
