@@ -167,7 +167,7 @@ def _rewrite(model, options: Options, on_layer, on_calibration) -> _Rewritten:
     _measure_sizes(report, original, optimized)
     rewritten = _Rewritten(model, options, original, optimized, report, plan, hints, shape_notes,
                            data_aware.fed_inputs(optimized))
-    if optimized is not original:
+    if optimized is not original and options.validate:
         # the parity tolerance reads the model's types; computed while its weights are still here
         rewritten.tolerance = parity_tolerance(report, options, optimized)
     del graph, context, snapshot   # gs's lazy constants hold the original's tensors; release them first
