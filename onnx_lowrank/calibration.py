@@ -25,7 +25,9 @@ import onnx_graphsurgeon as gs
 
 from . import profiling, runtime
 from .errors import OptionError
+from .graph import copy_fields
 from .inputs import check_every_input, read_npz
+from .io import write_model
 from .numerics.patches import ConvWindow, conv_patches
 from .options import Options
 from .passes.candidates import match
@@ -198,7 +200,14 @@ def _captures(models: list[onnx.ModelProto], specs: list[CaptureSpec], data: Cal
               ) -> Iterator[tuple[int, list[dict[str, np.ndarray]], np.ndarray | None]]:
     """Per batch: its sample count, each model's captured tensors by name, and the padding mask."""
     config = runtime.SessionConfig(provider=provider, optimize=False, prepack=False)
-    sessions = [runtime.make_session(_capture_model(model, specs), config) for model in models]
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-capture-") as folder:
+        sessions = []
+        for i, model in enumerate(models):
+            # written from the model's own tensors: a probe holding copies would be the weights again
+            shell, initializers = _capture_model(model, specs)
+            path = Path(folder) / f"capture{i}.onnx"
+            write_model(shell, path, initializers=initializers)
+            sessions.append(runtime.make_session(path, config))
     models.clear()   # nothing here needs them again (collect_grams lets its model go)
     input_names = [i.name for i in sessions[0].get_inputs()]
     mask_name = _mask_input(sessions[0])
@@ -228,11 +237,13 @@ def _side(axis: int) -> str:
     return "left" if axis == -2 or axis == 1 else "right"
 
 
-def _capture_model(model: onnx.ModelProto, specs: list[CaptureSpec]) -> onnx.ModelProto:
+def _capture_model(model: onnx.ModelProto, specs: list[CaptureSpec]
+                   ) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
     """The model with the captured tensors as its only outputs and only the nodes they need: ORT
     runs every node of a graph whatever outputs a run asks for, and error correction makes one pass
     per depth, which would otherwise each pay for the whole model. The graph inputs all stay (an
-    unused one is allowed), so every pass takes the same feeds."""
+    unused one is allowed), so every pass takes the same feeds. Returned as the model without its
+    main graph's initializers, and those it needs (`model`'s own tensors, not copies)."""
     wanted: dict[str, np.dtype] = {}
     for spec in specs:
         wanted.setdefault(spec.tensor, spec.dtype)
@@ -244,19 +255,18 @@ def _capture_model(model: onnx.ModelProto, specs: list[CaptureSpec]) -> onnx.Mod
             needed.update(node.input)
             needed.update(_subgraph_inputs(node))
     probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    copy_fields(model, probe, but="graph")
+    copy_fields(model.graph, probe.graph, but="initializer")
     graph = probe.graph
     del graph.node[:]
     graph.node.extend(reversed(kept))
     # an initializer also listed as a graph input (IR < 4) stays: without it ORT would ask for a feed
     declared = {i.name for i in graph.input}
-    initializers = [t for t in graph.initializer if t.name in needed or t.name in declared]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
+    initializers = [t for t in model.graph.initializer if t.name in needed or t.name in declared]
     del graph.output[:]
     graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(dtype), None)
                         for name, dtype in wanted.items())
-    return probe
+    return probe, initializers
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:

@@ -158,19 +158,23 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     return staged.written
 
 
-def write_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
-    """Write the model to `path` as it stands (save_model's writer, not atomic by itself)."""
+def write_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None,
+                initializers: list[onnx.TensorProto] | None = None) -> None:
+    """Write the model to `path` as it stands (save_model's writer, not atomic by itself).
+    `initializers`: the main graph's, instead of model.graph.initializer: tensors of another
+    model, written from where they are rather than copied into this one first."""
+    tensors = list(model.graph.initializer) if initializers is None else initializers
+    size = model_size(model) + (0 if initializers is None else sum(map(tensor_nbytes, initializers)))
     if external_data is None:
-        external_data = model_size(model) >= PROTOBUF_LIMIT or any(
-            external_base(t) is not None for t in model.graph.initializer)
-    if not external_data and model_size(model) >= PROTOBUF_LIMIT:
-        raise OutputError(f"the model is {model_size(model) / 2**30:.1f} GB, over the 2 GB protobuf "
+        external_data = size >= PROTOBUF_LIMIT or any(external_base(t) is not None for t in tensors)
+    if not external_data and size >= PROTOBUF_LIMIT:
+        raise OutputError(f"the model is {size / 2**30:.1f} GB, over the 2 GB protobuf "
                           "limit of a single .onnx file; use --external-data")
     data_file = path.with_name(f"{path.name}.data")
     data_file.unlink(missing_ok=True)   # a rewrite of the staged model may go inline
     try:
         with open(path, "wb") as out:
-            _write_model(model, out, data_file if external_data else None)
+            _write_model(model, out, data_file if external_data else None, tensors)
     except OSError as exc:
         raise OutputError(f"cannot write '{path.name}': {exc.strerror or exc}") from None
 
@@ -210,7 +214,8 @@ class staged_output:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def _write_model(model: onnx.ModelProto, out, data_file: Path | None, threshold: int = 1024) -> None:
+def _write_model(model: onnx.ModelProto, out, data_file: Path | None, initializers: list[onnx.TensorProto],
+                 threshold: int = 1024) -> None:
     """Serialize `model` into `out`, its large initializers into `data_file` (or, when None, inline)
     from wherever they are now, memory or the input's data file.
 
@@ -231,7 +236,7 @@ def _write_model(model: onnx.ModelProto, out, data_file: Path | None, threshold:
     # lazily external tensors elsewhere (subgraph initializers, attributes) are small enough to copy
     inline = [t for t in _get_all_tensors(shell) if external_base(t) is not None]
     entries = []   # (the tensor as written: the caller's own or a stub, where its bytes come from)
-    for tensor in model.graph.initializer:
+    for tensor in initializers:
         lazy = external_base(tensor) is not None
         if lazy or (data_file is not None and tensor.HasField("raw_data") and tensor_nbytes(tensor) >= threshold):
             entries.append((_stub_of(tensor), tensor))

@@ -135,11 +135,12 @@ def test_capture_model_keeps_only_what_the_captured_tensors_need(tmp_path):
         "else_branch = e () => (float[N, 32] o) { o = Identity(r) }> [fc2] y = MatMul(g, W2) }", W1=W1, W2=W2)
     specs = capture_specs(import_graph(model), Options())
     fc1 = [s for s in specs if s.layer == "fc1"]
-    pruned = _capture_model(model, fc1)
+    pruned, initializers = _capture_model(model, fc1)
     assert [n.op_type for n in pruned.graph.node] == [] and [o.name for o in pruned.graph.output] == ["x"]
-    assert [t.name for t in pruned.graph.initializer] == [] and len(pruned.graph.input) == 1
-    fc2 = _capture_model(model, [s for s in specs if s.layer == "fc2"])
+    assert initializers == [] and not pruned.graph.initializer and len(pruned.graph.input) == 1
+    fc2, initializers = _capture_model(model, [s for s in specs if s.layer == "fc2"])
     assert [n.op_type for n in fc2.graph.node] == ["Constant", "MatMul", "Relu", "Sigmoid", "If"]
+    assert [t.name for t in initializers] == ["W1"] and not fc2.graph.initializer   # the model's own, not copied
     x = RNG.standard_normal((6, 16)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
     data = load_calibration(tmp_path / "calib.npz", ["x"])
