@@ -199,7 +199,7 @@ def _captures(models: list[onnx.ModelProto], specs: list[CaptureSpec], data: Cal
               stop: int | None, provider: str, batch_size: int
               ) -> Iterator[tuple[int, list[dict[str, np.ndarray]], np.ndarray | None]]:
     """Per batch: its sample count, each model's captured tensors by name, and the padding mask."""
-    config = runtime.SessionConfig(provider=provider, optimize=False, prepack=False)
+    config = runtime.SessionConfig(provider=provider, optimize=False, prepack=False, arena=False)
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-capture-") as folder:
         sessions = []
         for i, model in enumerate(models):

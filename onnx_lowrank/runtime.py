@@ -62,6 +62,8 @@ class SessionConfig:
     spinning: bool = True                # off when two sessions alternate on few cores
     prepack: bool = True                 # off for sessions that run a few batches (calibration,
                                          # parity): packed weight copies would hold them twice
+    arena: bool = True                   # off for those too: ORT's CPU arena keeps the peak of
+                                         # every run's tensors (a capture's run them all) for good
     device_id: int = 0                   # GPU ordinal for cuda / tensorrt
     trt_fp16: bool = False               # let TensorRT pick fp16 kernels
     trt_engine_cache: str | None = None  # directory where TensorRT keeps built engines between runs
@@ -131,6 +133,8 @@ def session_options(config: SessionConfig):
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if not config.prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not config.arena:
+        options.enable_cpu_mem_arena = False
     if config.profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = config.profile_prefix
