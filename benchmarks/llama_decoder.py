@@ -53,6 +53,9 @@ class LlamaConfig:
     max_positions: int = 2048
     rope_theta: float = 10000.0
     eps: float = 1e-5
+    #: MatMul weights of this rank (a product of two random factors) instead of full rank: a model
+    #: the tool decomposes at its default tolerance, for tests of the rewrite end to end
+    weight_rank: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -120,9 +123,14 @@ def build(out_dir: Path, config: LlamaConfig = LlamaConfig(), seed: int = 0, nam
         nodes.append(h.make_node(op, inputs, outs, name=name, **attrs))
         return outs[0] if outputs == 1 else outs
 
-    def weight(name: str, k: int, n: int) -> str:
-        w = rng.standard_normal((k, n), dtype=np.float32)
-        w *= np.float32(1 / np.sqrt(k))
+    def weight(name: str, k: int, n: int, low_rank: bool = True) -> str:
+        if low_rank and c.weight_rank is not None:
+            r = c.weight_rank
+            w = rng.standard_normal((k, r), dtype=np.float32) @ rng.standard_normal((r, n), dtype=np.float32)
+            w *= np.float32(1 / np.sqrt(k * r))
+        else:
+            w = rng.standard_normal((k, n), dtype=np.float32)
+            w *= np.float32(1 / np.sqrt(k))
         return const(name, w)
 
     def linear(x: str, name: str, k: int, n: int) -> str:
@@ -166,7 +174,7 @@ def build(out_dir: Path, config: LlamaConfig = LlamaConfig(), seed: int = 0, nam
     filled = node("ConstantOfShape", [square], "mask_filled", value=h.make_tensor("value", T.FLOAT, [1], [-1e9]))
     mask = node("Trilu", [filled, "one"], "causal_mask", upper=1)   # -1e9 above the diagonal, 0 on and below
 
-    x = node("Gather", [weight("embed_tokens.weight", c.vocab, c.hidden), "input_ids"], "embed_tokens")
+    x = node("Gather", [weight("embed_tokens.weight", c.vocab, c.hidden, low_rank=False), "input_ids"], "embed_tokens")
     for i in range(c.layers):
         p = f"layers.{i}"
         normed = rms_norm(x, f"{p}.input_layernorm")
