@@ -246,14 +246,14 @@ def main() -> None:
     path = build(args.out, config)
     calib = write_calibration(args.out / "calib.npz", config.vocab)
     built = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data"))) / 1e9
     print(f"wrote {path} (+ .data, {size:.2f} GB) and {calib.name}: {config.parameters / 1e6:.1f}M parameters, "
           f"{len(config.matrices())} MatMul weights; built in {built:.0f} s at a peak RSS of {peak:.2f} GB")
     if not args.no_run:
         start = time.perf_counter()
         logits = smoke_run(path, config.vocab)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
         print(f"ONNX Runtime forward 1 x 16: logits {list(logits.shape)}, std {logits.std():.3f}, "
               f"{time.perf_counter() - start:.1f} s (load + run), peak RSS now {peak:.2f} GB")
 
