@@ -236,12 +236,13 @@ def main() -> None:
     defaults = LlamaConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    for field in ("hidden", "layers", "ffn", "heads", "kv_heads", "vocab"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
+    for field in ("hidden", "layers", "ffn", "heads", "vocab"):
+        parser.add_argument(f"--{field}", type=int, default=getattr(defaults, field))
+    parser.add_argument("--kv-heads", type=int, help="grouped-query attention (default: --heads, no grouping)")
     parser.add_argument("--no-run", action="store_true", help="skip the ONNX Runtime forward pass")
     args = parser.parse_args()
     config = LlamaConfig(hidden=args.hidden, layers=args.layers, ffn=args.ffn, heads=args.heads,
-                         kv_heads=args.kv_heads, vocab=args.vocab)
+                         kv_heads=args.kv_heads or args.heads, vocab=args.vocab)
     start = time.perf_counter()
     path = build(args.out, config)
     calib = write_calibration(args.out / "calib.npz", config.vocab)
