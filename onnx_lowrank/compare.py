@@ -70,37 +70,78 @@ def compare_output(name: str, reference: np.ndarray, actual: np.ndarray, toleran
         return OutputComparison(name, list(actual.shape), float("inf"), float("inf"), float("inf"), 0.0,
                                 passed=False, shape_ok=False, criterion=criterion, bound=tolerance.max_error,
                                 reference_shape=list(reference.shape))
-    y0 = np.asarray(reference, dtype=np.float64)
-    y = np.asarray(actual, dtype=np.float64)
-    diff = np.abs(y - y0)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / np.abs(y0))
-    max_rel = float(np.nanmax(rel)) if rel.size else 0.0
-    norm0 = float(np.linalg.norm(y0))
-    rel_l2 = float(np.linalg.norm(y - y0) / norm0) if norm0 else (0.0 if max_abs == 0 else float("inf"))
-    norm = float(np.linalg.norm(y))
-    cosine = float(np.vdot(y0.ravel(), y.ravel()) / (norm0 * norm)) if norm0 and norm else float(norm0 == norm)
-    mismatched = None
-    if tolerance.max_error is not None:
-        passed = rel_l2 <= tolerance.max_error
-    else:
-        outside = ~(diff <= (tolerance.atol or 0.0) + (tolerance.rtol or 0.0) * np.abs(y0))
-        mismatched = int(np.count_nonzero(outside))
-        passed = mismatched == 0
+    sums = _OutputSums.over(reference, actual, tolerance)
+    max_abs, max_rel, mismatched = sums.max_abs, sums.max_rel, sums.mismatched
+    norm0, norm, norm_diff = math.sqrt(sums.squares0), math.sqrt(sums.squares), math.sqrt(sums.squares_diff)
+    rel_l2 = norm_diff / norm0 if norm0 else (0.0 if max_abs == 0 else float("inf"))
+    cosine = sums.dot / (norm0 * norm) if norm0 and norm else float(norm0 == norm)
+    passed = rel_l2 <= tolerance.max_error if tolerance.max_error is not None else mismatched == 0
     # a NaN or inf where the reference has a finite value (or the other way) never passes
-    passed = passed and bool(np.all(np.isfinite(y) == np.isfinite(y0)))
+    passed = passed and sums.finite_alike
     top1 = top1_lower = None
-    if y0.ndim >= 2 and y0.shape[-1] > 1 and reference.dtype.kind in "fV":
-        agree = np.argmax(y0, axis=-1) == np.argmax(y, axis=-1)
-        top1 = float(np.mean(agree))
-        top1_lower = wilson_lower_bound(top1, agree.size)
+    if reference.ndim >= 2 and reference.shape[-1] > 1 and reference.dtype.kind in "fV":
+        top1 = sums.top1_agreeing / sums.rows if sums.rows else float("nan")
+        top1_lower = wilson_lower_bound(top1, sums.rows)
     if tolerance.min_top1 is not None and top1 is not None:
         passed = passed and (top1_lower if tolerance.top1_confident else top1) >= tolerance.min_top1
     return OutputComparison(name, list(actual.shape), max_abs, max_rel, rel_l2, cosine, passed, top1,
                             criterion=criterion, bound=tolerance.max_error, mismatched=mismatched,
                             min_top1=tolerance.min_top1 if top1 is not None else None,
                             top1_lower=top1_lower if tolerance.top1_confident else None)
+
+
+#: float64 elements per piece of an output compared at once: a decoder's logits over 32 held-back
+#: samples are [32, 128, 32000], 1 GB in float32, and each whole-array float64 temporary doubled that
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class _OutputSums:
+    """The sums and extremes every figure of compare_output is made of, gathered over pieces of
+    rows (the last axis kept whole, for top-1) in float64, so no temporary is the output's size."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    squares0: float = 0.0
+    squares: float = 0.0
+    squares_diff: float = 0.0
+    dot: float = 0.0
+    mismatched: int | None = None
+    finite_alike: bool = True
+    top1_agreeing: int = 0
+    rows: int = 0
+
+    @classmethod
+    def over(cls, reference: np.ndarray, actual: np.ndarray, tolerance: Tolerance) -> "_OutputSums":
+        width = reference.shape[-1] if reference.ndim >= 2 and reference.shape[-1] else 1
+        ref_rows, act_rows = reference.reshape(-1, width), actual.reshape(-1, width)
+        sums = cls(mismatched=0 if tolerance.max_error is None else None)
+        abs_maxima, rel_maxima = [], []
+        step = max(1, CHUNK_ELEMENTS // width)
+        for start in range(0, len(ref_rows), step):
+            y0 = np.asarray(ref_rows[start:start + step], dtype=np.float64)
+            y = np.asarray(act_rows[start:start + step], dtype=np.float64)
+            delta = y - y0
+            diff = np.abs(delta)
+            abs_maxima.append(diff.max())
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel_maxima.append(np.nanmax(np.where(diff == 0, 0.0, diff / np.abs(y0))))
+            sums.squares0 += float(np.vdot(y0, y0))
+            sums.squares += float(np.vdot(y, y))
+            sums.squares_diff += float(np.vdot(delta, delta))
+            sums.dot += float(np.vdot(y0, y))
+            if sums.mismatched is not None:
+                sums.mismatched += int(np.count_nonzero(~(diff <= (tolerance.atol or 0.0)
+                                                          + (tolerance.rtol or 0.0) * np.abs(y0))))
+            sums.finite_alike = sums.finite_alike and bool(np.all(np.isfinite(y) == np.isfinite(y0)))
+            if width > 1:
+                sums.top1_agreeing += int(np.count_nonzero(np.argmax(y0, axis=-1) == np.argmax(y, axis=-1)))
+            sums.rows += len(y0)
+        if abs_maxima:
+            sums.max_abs = float(np.max(abs_maxima))
+            with np.errstate(invalid="ignore"):
+                sums.max_rel = float(np.nanmax(rel_maxima))
+        return sums
 
 
 #: z of a one-sided 90% bound

@@ -131,6 +131,31 @@ def test_compare_figures():
     assert elementwise.mismatched == 1 and not elementwise.passed
 
 
+def test_compare_holds_no_output_sized_float64_temporary(monkeypatch):
+    """A decoder's logits over the held-back samples ([32, 128, 32000], 0.5 GB in float32) made
+    ~5 GB of whole-array float64 temporaries here; the figures are now gathered piece by piece."""
+    import tracemalloc
+
+    import onnx_lowrank.compare as compare
+
+    monkeypatch.setattr(compare, "CHUNK_ELEMENTS", 1 << 16)
+    rng = np.random.default_rng(0)
+    y0 = rng.standard_normal((16, 64, 1000)).astype(np.float32)   # 1M values: 8 MB in float64
+    y = y0 + np.float32(1e-3) * rng.standard_normal(y0.shape).astype(np.float32)
+    y[3, 5, :] = y0[3, 5, ::-1]   # one row whose argmax moves
+    tracemalloc.start()
+    out = compare_output("logits", y0, y, Tolerance(None, atol=3e-3, rtol=0.0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < y0.size * 8 / 2, peak   # under half of one float64 copy (it was ~6 copies)
+    d = y.astype(np.float64) - y0
+    # sums in another order than one np.linalg.norm: equal to float64 rounding
+    assert out.rel_l2_error == pytest.approx(np.linalg.norm(d) / np.linalg.norm(y0.astype(np.float64)), rel=1e-12)
+    assert out.max_abs_error == np.abs(d).max()
+    assert out.mismatched == np.count_nonzero(np.abs(d) > 3e-3)
+    assert out.top1_agreement == pytest.approx(np.mean(y0.argmax(-1) == y.argmax(-1)))
+
+
 def test_compare_shape_mismatch_and_nan_fail():
     y0 = np.ones((2, 3), np.float32)
     assert not compare_output("y", y0, np.ones((3, 2), np.float32), Tolerance()).shape_ok
