@@ -185,7 +185,8 @@ def _run_checks(rewritten: _Rewritten, optimized: onnx.ModelProto | str) -> onnx
     plan, hints = rewritten.plan, rewritten.hints
     if options.validate and changed:
         tolerance, per_output, source_note = rewritten.tolerance
-        report.parity = check_parity(reference, optimized, tolerance=tolerance, per_output=per_output,
+        known = plan.held_back_run if plan is not None else None   # the back-off's run of the original
+        report.parity = check_parity(known or reference, optimized, tolerance=tolerance, per_output=per_output,
                                      tolerance_source=source_note, provider=options.provider, shapes=options.shape,
                                      batch=options.batch, seed=options.seed, hints=hints,
                                      samples=data_aware.parity_samples(plan))

@@ -7,7 +7,7 @@ not the runtime's fusions. `optimize`'s check and `onnx-lowrank validate` are th
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -25,7 +25,40 @@ TRT_FP16_NOTE = ("TensorRT fp16: both models run in half precision, which alone 
                  "alone in fp32 (--provider cuda or cpu)")
 
 
-def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, *,
+@dataclass
+class ReferenceRun:
+    """The reference model's outputs on a set of inputs, kept in place of its session: a candidate
+    is compared against them without the reference's weights in memory, and several candidates
+    (the back-off's rounds) against one run."""
+    signature: tuple[list, list]
+    names: list[str]
+    samples: list[dict[str, np.ndarray]]
+    outputs: list[list[np.ndarray]]
+    notes: list[str]
+
+
+def run_reference(reference: onnx.ModelProto | str, *, config: runtime.SessionConfig,
+                  shapes: dict[str, list[int]] | None = None, batch: int = 1, seed: int = 0,
+                  samples: Iterable[dict[str, np.ndarray]] | None = None, inputs: str | None = None,
+                  int_range: tuple[int, int] = DEFAULT_INT_RANGE, hints: dict[str, InputHint] | None = None
+                  ) -> ReferenceRun:
+    """Run the reference on the inputs check_parity describes and keep its outputs."""
+    config = replace(config, optimize=False, prepack=False)
+    session = runtime.make_session(reference, config)
+    notes: list[str] = []
+    if samples is None and inputs is None:
+        feeds, first_outputs, notes = runtime.runnable_inputs(session, shapes=shapes, batch=batch, seed=seed,
+                                                              int_range=int_range, hints=hints)
+        samples, outputs = [feeds], [first_outputs]
+    else:
+        if samples is None:
+            samples, notes = runtime.model_inputs(session, inputs=inputs, shapes=shapes)
+        samples = list(samples)
+        outputs = [runtime.run(session, feed) for feed in samples]
+    return ReferenceRun(_signature(session), [o.name for o in session.get_outputs()], samples, outputs, notes)
+
+
+def check_parity(reference: onnx.ModelProto | str | ReferenceRun, candidate: onnx.ModelProto | str, *,
                  tolerance: Tolerance, per_output: Mapping[str, Tolerance] | None = None,
                  tolerance_source: str = "", provider: str = "cpu", config: runtime.SessionConfig | None = None,
                  shapes: dict[str, list[int]] | None = None, batch: int = 1, seed: int = 0,
@@ -38,36 +71,28 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
     else generated from the reference's input signature and the graph's `hints` (inputs.input_hints),
     at the first candidate sizes the reference runs on (runtime.runnable_inputs). The provider is `config`'s if given, else
     `provider` with default settings. `per_output` overrides `tolerance` for the outputs it names.
+    `reference` may be a ReferenceRun (run_reference): its inputs and outputs are used as they are.
     """
     config = replace(config or runtime.SessionConfig(provider=provider), optimize=False, prepack=False)
     # one session at a time: the reference's outputs are kept, not its session, so the weights of
     # the two models are never held by ONNX Runtime together
-    ref_session = runtime.make_session(reference, config)
-    ref_signature = _signature(ref_session)
-    names = [o.name for o in ref_session.get_outputs()]
-    per_output = dict(per_output or {})
+    ref = reference if isinstance(reference, ReferenceRun) else run_reference(
+        reference, config=config, shapes=shapes, batch=batch, seed=seed, samples=samples, inputs=inputs,
+        int_range=int_range, hints=hints)
+    names, per_output = ref.names, dict(per_output or {})
     unknown = sorted(set(per_output) - set(names))
     if unknown:
         raise OptionError(f"tolerance given for output {', '.join(map(repr, unknown))}, which the model does not "
                           f"have (outputs: {', '.join(names)})")
-    notes: list[str] = []
-    if samples is None and inputs is None:
-        feeds, first_outputs, notes = runtime.runnable_inputs(ref_session, shapes=shapes, batch=batch, seed=seed,
-                                                              int_range=int_range, hints=hints)
-        samples, ref_outputs = [feeds], [first_outputs]
-    else:
-        if samples is None:
-            samples, notes = runtime.model_inputs(ref_session, inputs=inputs, shapes=shapes)
-        samples = list(samples)
-        ref_outputs = [runtime.run(ref_session, feed) for feed in samples]
-    input_shapes = {name: list(np.shape(value)) for name, value in samples[0].items()}
-    del ref_session
+    notes = list(ref.notes)
+    input_shapes = {name: list(np.shape(value)) for name, value in ref.samples[0].items()}
     cand_session = runtime.make_session(candidate, config)
-    _match_signatures(ref_signature, _signature(cand_session))
+    _match_signatures(ref.signature, _signature(cand_session))
     cand_order = [o.name for o in cand_session.get_outputs()]
-    cand_outputs = [dict(zip(cand_order, runtime.run(cand_session, feed))) for feed in samples]
+    cand_outputs = [dict(zip(cand_order, runtime.run(cand_session, feed))) for feed in ref.samples]
+    del cand_session
     outputs = [compare_output(name,
-                              _stack([out[i] for out in ref_outputs]),
+                              _stack([out[i] for out in ref.outputs]),
                               _stack([out[name] for out in cand_outputs]), per_output.get(name, tolerance))
                for i, name in enumerate(names)]
     criterion = tolerance.describe() + (f" ({tolerance_source})" if tolerance_source else "")
@@ -77,7 +102,7 @@ def check_parity(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | 
         notes.append(TRT_FP16_NOTE)
     ungated = tolerance.max_error is not None and math.isinf(tolerance.max_error)
     return ParityResult(provider=config.provider, criterion=criterion, passed=all(o.passed for o in outputs),
-                        outputs=outputs, samples=len(samples), input_shapes=input_shapes, notes=notes,
+                        outputs=outputs, samples=len(ref.samples), input_shapes=input_shapes, notes=notes,
                         ungated=ungated)
 
 
@@ -103,4 +128,4 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.stack(arrays)
 
 
-__all__ = ["check_parity", "OutputComparison", "ParityResult", "Tolerance"]
+__all__ = ["check_parity", "run_reference", "ReferenceRun", "OutputComparison", "ParityResult", "Tolerance"]

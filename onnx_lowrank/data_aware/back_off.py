@@ -7,9 +7,10 @@ from __future__ import annotations
 import onnx
 
 from ..gate import gate_for, gate_tolerances
-from ..parity import check_parity
+from ..parity import ReferenceRun, check_parity, run_reference
 from ..passes import PassContext, PassEntry
 from ..report import GateOutcome, Report
+from ..runtime import SessionConfig
 from .plan import DataPlan, count, plan_rank, replace_records, rewrite, tucker2
 
 def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
@@ -24,7 +25,10 @@ def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelPro
     samples = plan.held_back()
     if gate.ungated or not samples:
         return optimized, None
-    passed, measured = _within_gate(original, optimized, samples, context)
+    # the original's outputs on the held-back samples, run once for every round of the bisection
+    reference = run_reference(original, config=SessionConfig(provider=context.options.provider), samples=samples)
+    plan.held_back_run = reference   # the final parity check compares on these samples too
+    passed, measured = _within_gate(original, reference, optimized, context)
     if passed:
         outcome = GateOutcome(gate.describe(), measured, count(samples), True)
         report.notes.append(describe(outcome))
@@ -39,7 +43,7 @@ def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelPro
     while hi - lo > 1:
         mid = (lo + hi) // 2
         model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, dense))
-        if _within_gate(original, model, samples, context)[0]:
+        if _within_gate(original, reference, model, context)[0]:
             lo, best = mid, (model, records)
         else:
             hi = mid
@@ -79,13 +83,14 @@ def _prefix_ranks(path: list[tuple[str, int | tuple[int, ...]]], count: int, den
         ranks[name] = rank
     return ranks
 
-def _within_gate(original: onnx.ModelProto, candidate: onnx.ModelProto, samples: list[dict],
+def _within_gate(original: onnx.ModelProto, reference: ReferenceRun, candidate: onnx.ModelProto,
                  context: PassContext) -> tuple[bool, str]:
-    """Whether the candidate is within the quality gate on these samples, and what was measured."""
+    """Whether the candidate is within the quality gate on the reference run's samples, and what
+    was measured."""
     gate = gate_for(context.options)
     tolerance, per_output = gate_tolerances(gate, gate.max_error, original, real_samples=True)
-    result = check_parity(original, candidate, tolerance=tolerance, per_output=per_output,
-                          provider=context.options.provider, samples=samples)
+    result = check_parity(reference, candidate, tolerance=tolerance, per_output=per_output,
+                          provider=context.options.provider)
     worst = max(result.outputs, key=lambda o: o.rel_l2_error)
     top1 = [o for o in result.outputs if o.min_top1 is not None and o.top1_agreement is not None]
     measured = f"rel_l2 {worst.rel_l2_error:.3g}"

@@ -46,6 +46,7 @@ class DataPlan:
     spectra: list[Spectrum] = field(default_factory=list)
     time_fraction: float = 1.0              # --target-speedup: the candidate layers' share of the run time
     flop_ratio: float | None = None         # --target-speedup: the MAC ratio the allocation was asked for
+    held_back_run: object | None = None     # parity.ReferenceRun: the original on the held-back samples
 
     def held_back(self) -> list[dict]:
         return [] if self.data is None else list(self.data.batches(self.fit_stop))
