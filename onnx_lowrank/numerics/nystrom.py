@@ -192,15 +192,27 @@ def _relative(residual: np.ndarray, reference: float) -> np.ndarray:
     return np.sqrt(np.maximum(residual, 0.0) / reference) if reference > 0 else np.zeros_like(residual)
 
 
+#: Pivots between full updates of the residual cross term in the greedy selection: within a block
+#: its row norms are updated by matrix-vector products, at the end of one by one matrix product
+#: (BLAS-3), which took MiniLM's 1536-neuron FFNs from ~10 s to ~2 s a layer.
+GREEDY_BLOCK = 32
+
+
 def _greedy(problem: "_Problem") -> tuple[np.ndarray, np.ndarray]:
     """Forward selection on the Gram alone: a pivoted Cholesky of H whose pivot at each step is the
     neuron whose residual column explains most of the residual output, ||C[i]||^2 / D[i] with
-    D = diag of the Schur complement and C = (Schur complement) V. The constant column goes first."""
+    D = diag of the Schur complement and C = (Schur complement) V. The constant column goes first.
+
+    C after pivot p is C - l c^T (l the new Cholesky column, c = C[p] / l[p]); C itself is only
+    brought up to date every GREEDY_BLOCK pivots, its row norms (the gains) at every one."""
     h, d, constant = problem.solve, problem.d, problem.constant
     size = h.shape[0]
     columns = np.zeros((size, size))                    # L's columns, in pivot order
     diag = np.diag(h).copy()
-    cross = problem.exact @ problem.v                   # residual cross term
+    cross = problem.exact @ problem.v                   # residual cross term at the block's start
+    norms = np.einsum("ij,ij->i", cross, cross)
+    pending = np.zeros((GREEDY_BLOCK, cross.shape[1]))  # the block's c rows
+    start = 0                                           # first pivot of the block
     chosen = np.zeros(size, dtype=bool)
     explained = np.zeros(d + 1)
     order = np.empty(d, dtype=np.int64)
@@ -211,21 +223,29 @@ def _greedy(problem: "_Problem") -> tuple[np.ndarray, np.ndarray]:
         if constant and step == 0:
             pivot = d
         else:
-            gain = np.where(chosen | (diag <= floor), -np.inf, np.sum(cross ** 2, axis=1) / np.maximum(diag, floor))
+            gain = np.where(chosen | (diag <= floor), -np.inf, np.maximum(norms, 0.0) / np.maximum(diag, floor))
             pivot = int(np.argmax(gain))
             if not np.isfinite(gain[pivot]):            # the rest is numerically dependent: it adds nothing
                 order[k:] = np.flatnonzero(~chosen[:d])
                 explained[k + 1:] = done
                 break
-        col = h[:, pivot] - columns[:, :step] @ columns[pivot, :step]
         root = np.sqrt(diag[pivot])
-        col /= root
+        col = (h[:, pivot] - columns[:, :step] @ columns[pivot, :step]) / root
         columns[:, step] = col
-        done += float(np.sum(cross[pivot] ** 2)) / diag[pivot]
-        cross -= np.outer(col, cross[pivot] / root)
+        block = columns[:, start:step]
+        c = (cross[pivot] - columns[pivot, start:step] @ pending[:step - start]) / root
+        current_c = cross @ c - block @ (pending[:step - start] @ c)   # (C now) c
+        cc = float(c @ c)
+        norms += col * (col * cc - 2 * current_c)
+        pending[step - start] = c
+        done += cc
         diag -= col ** 2
         chosen[pivot] = True
         diag[chosen] = 0.0
+        if step + 1 - start == GREEDY_BLOCK:
+            cross -= columns[:, start:step + 1] @ pending
+            norms = np.einsum("ij,ij->i", cross, cross)
+            start = step + 1
         if pivot < d:
             order[k] = pivot
             k += 1

@@ -17,6 +17,7 @@ node, or when --include/--exclude leave one of its MatMuls out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -129,13 +130,30 @@ def _foreign_input(region: list[gs.Node], inside: set[str]) -> str | None:
         for t in node.inputs:
             if t.name in inside or not t.name:
                 continue
-            if isinstance(t, gs.Constant):
-                if t.values.size != 1:
+            shape = _constant_shape(t)
+            if shape is not None:
+                if math.prod(shape) != 1:
                     return (f"{node.op} '{node.name}' between the MatMuls reads constant '{t.name}' of shape "
-                            f"{list(t.values.shape)}: only scalar constants act on each neuron alone")
+                            f"{shape}: only scalar constants act on each neuron alone")
             else:
                 return (f"{node.op} '{node.name}' between the MatMuls also reads '{t.name}', which is not "
                         "computed from the first MatMul's output alone")
+    return None
+
+
+def _constant_shape(t: gs.Tensor) -> list[int] | None:
+    """The shape of a constant: an initializer, or a Constant node's output (as exporters write
+    the scalars of a decomposed Gelu); None for a computed tensor."""
+    if isinstance(t, gs.Constant):
+        return list(t.values.shape)
+    producer = t.inputs[0] if len(t.inputs) == 1 else None
+    if producer is None or producer.op != "Constant" or producer.domain not in (None, "", "ai.onnx"):
+        return None
+    value = producer.attrs.get("value")
+    if value is not None:
+        return list(np.asarray(value.values if isinstance(value, gs.Constant) else value).shape)
+    if any(key in producer.attrs for key in ("value_float", "value_int")):
+        return []
     return None
 
 
