@@ -129,6 +129,9 @@ def activation(kind):
                 helper.make_node("Add", ["t2", "one"], ["t3"]), helper.make_node("Mul", ["hb", "t3"], ["t4"]),
                 helper.make_node("Mul", ["t4", "half"], ["a"])], \
             [_scalar("sqrt2", np.sqrt(2)), _scalar("one", 1.0), _scalar("half", 0.5)], 17
+    if kind == "Gelu (Erf, Constant nodes)":   # the scalars as torch.onnx.export writes them
+        nodes, scalars, opset = activation("Gelu (Erf)")
+        return [helper.make_node("Constant", [], [t.name], value=t) for t in scalars] + nodes, [], opset
     if kind == "Gelu (Tanh)":
         return [helper.make_node("Pow", ["hb", "three"], ["t1"]), helper.make_node("Mul", ["t1", "c"], ["t2"]),
                 helper.make_node("Add", ["hb", "t2"], ["t3"]), helper.make_node("Mul", ["t3", "k"], ["t4"]),
@@ -140,7 +143,7 @@ def activation(kind):
 
 
 ACTIVATIONS = ["Relu", "Sigmoid", "Tanh", "HardSwish", "Softplus", "Gelu", "Clip", "SiLU", "HardSwish (decomposed)",
-               "Gelu (Erf)", "Gelu (Tanh)"]
+               "Gelu (Erf)", "Gelu (Erf, Constant nodes)", "Gelu (Tanh)"]
 
 
 def mlp_model(kind="Relu", redundant=True, second_bias=True, extra_nodes=(), extra_outputs=(), extra_inits=(),
