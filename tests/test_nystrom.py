@@ -362,3 +362,15 @@ def test_cli_flag(tmp_path, capsys, calib):
     assert code == 0, err
     shapes = {t.name: list(t.dims) for t in onnx.load(tmp_path / "out.onnx").graph.initializer}
     assert shapes["W1_pruned"] == [D_IN, 16]
+
+
+def test_auto_prunes_a_redundant_block_under_a_target(calib):
+    """Half the neurons repeat the other half: at half the MACs the block form is exact where the
+    SVD of two full-rank 16x32 / 32x12 layers is not, so auto takes it."""
+    model = mlp_model("SiLU")
+    optimized, report = optimize(model, calibration=calib, mlp_form="auto", target_flops=0.5, max_error="none",
+                                 validate=False, measure=False)
+    records = [r for r in report.layers if r.pass_name == "prune_mlp"]
+    assert [r.status for r in records] == ["decomposed", "decomposed"] and records[0].rank == [16]
+    assert any("1 of 1 MLP blocks keep neurons" in note for note in report.notes)
+    assert max(output_errors(model, optimized, {"N": 64})) < EXACT_F32
