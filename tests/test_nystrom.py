@@ -351,7 +351,9 @@ def test_allocation_with_the_block_form_end_to_end(calib):
     records = [r for r in report.layers if r.pass_name == "prune_mlp"]
     assert records[0].decomposed and records[0].rank[0] <= 16
     assert report.totals()["layer_macs_after"] / report.totals()["layer_macs_before"] <= 0.5
-    assert not [r for r in report.layers if r.pass_name == "decompose_matmul" and r.decomposed]
+    later = [r for r in report.layers if r.pass_name == "decompose_matmul"]
+    assert [r.reason for r in later] == ["a layer of MLP block fc1+fc2, which prune_mlp keeps dense"] * 2
+    assert len(report.candidates) == 2                       # each layer counted once, by prune_mlp
 
 
 def test_cli_flag(tmp_path, capsys, calib):
