@@ -140,11 +140,14 @@ def capture_specs(graph: gs.Graph, options: Options, patches: bool = False) -> l
 @dataclass
 class Calibration:
     """layer -> Gram [k, k] (float64; layers reading the same tensor share one array), and
-    layer -> rows per sample before padding was dropped (the layer's output positions)."""
+    layer -> rows per sample before padding was dropped (the layer's output positions); layer ->
+    (column sums [k], rows) of the rows its Gram sums, which an intercept's refit needs
+    (numerics.nystrom)."""
 
     grams: dict[str, np.ndarray] = field(default_factory=dict)
     positions: dict[str, float] = field(default_factory=dict)
     samples: int = 0
+    sums: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
 
 
 def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: CalibrationData, *,
@@ -156,6 +159,7 @@ def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: Calibr
     keys = list(dict.fromkeys(s.key for s in specs))
     grams: dict[tuple, np.ndarray] = {}
     rows: dict[tuple, int] = {key: 0 for key in keys}
+    sums: dict[tuple, tuple[np.ndarray, int]] = {}
     samples = 0
     captures = _captures([model], specs, data, start, stop, provider, batch_size)
     del model   # the session holds the weights from here on: a model only this call holds is freed
@@ -164,6 +168,8 @@ def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: Calibr
             computed, x = _layer_rows(values[key[0]], key, mask)
             rows[key] += computed
             grams[key] = x.T @ x if key not in grams else grams[key] + x.T @ x
+            total, fitted = sums.get(key, (0.0, 0))
+            sums[key] = (total + x.sum(axis=0), fitted + x.shape[0])
         samples += count
         if on_batch is not None:
             on_batch(count)
@@ -171,7 +177,7 @@ def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: Calibr
         raise OptionError("--calibration: no samples to calibrate on")
     return Calibration(grams=_per_layer(specs, grams),
                        positions={s.layer: rows[s.key] / samples for s in specs},
-                       samples=samples)
+                       samples=samples, sums={s.layer: sums[s.key] for s in specs})
 
 
 def collect_cross_grams(original: onnx.ModelProto, compressed: onnx.ModelProto, specs: list[CaptureSpec],

@@ -14,6 +14,8 @@ from .numerics.ranks import RankRule
 OPS = ("matmul", "gemm", "conv")
 DEFAULT_CACHE_DIR = "~/.cache/onnx-lowrank"
 CONV_METHODS = ("tucker2", "branched-tucker", "spatial-svd", "auto")
+MLP_FORMS = ("svd", "nystrom", "auto")
+MLP_SELECTIONS = ("greedy", "energy", "leverage")
 
 
 def measure_default() -> bool:
@@ -41,6 +43,11 @@ class Options:
     # how convs are decomposed
     conv_method: str = "tucker2"
     branches: int = 4                    # groups of the branched-tucker core
+    # MatMul -> activation -> MatMul blocks (passes/prune_mlp.py, needs --calibration): "svd" leaves
+    # their layers to the per-layer SVD; "nystrom" keeps k of the neurons and refits W2; "auto"
+    # lets the allocation pick per block by the predicted error at equal MACs
+    mlp_form: str = "svd"
+    mlp_selection: str = "greedy"        # which neurons: greedy LS forward selection, energy, leverage
     # hardware-aware ranks: measure each candidate layer in ONNX Runtime (off: the FLOP model)
     measure: bool = field(default_factory=measure_default)
     cache_dir: str | None = DEFAULT_CACHE_DIR   # measured latencies; None: no cache
@@ -106,6 +113,13 @@ class Options:
             self.rank_multiple = int(multiple)
         _check(self.conv_method in CONV_METHODS,
                f"--conv-method: unknown method {self.conv_method!r}; choose from {', '.join(CONV_METHODS)}")
+        _check(self.mlp_form in MLP_FORMS,
+               f"--mlp-form: unknown form {self.mlp_form!r}; choose from {', '.join(MLP_FORMS)}")
+        _check(self.mlp_selection in MLP_SELECTIONS,
+               f"--mlp-selection: unknown rule {self.mlp_selection!r}; choose from {', '.join(MLP_SELECTIONS)}")
+        _check(self.mlp_form == "svd" or self.calibration is not None,
+               f"--mlp-form {self.mlp_form} refits each block's second matrix on calibration samples: "
+               "it needs --calibration")
         _check(int(self.branches) == self.branches and self.branches >= 1,
                f"--branches must be a positive integer, got {self.branches}")
         _check(0 < self.rank_search_floor <= 1, f"--rank-search-floor must be in (0, 1], got {self.rank_search_floor}")

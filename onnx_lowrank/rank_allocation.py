@@ -89,6 +89,36 @@ class ConvSpectrum:
         return grid
 
 
+@dataclass(frozen=True)
+class NeuronSpectrum:
+    """What allocation needs of one MLP block kept on k of its d neurons (passes/prune_mlp.py):
+    x [d_in] -> d neurons -> y [d_out], the block's `layers` (first, second) dense either way."""
+
+    name: str
+    layers: tuple[str, str]
+    d: int
+    d_in: int
+    d_out: int
+    errors: np.ndarray        # relative error of the block output by kept neurons, k = 0..d
+    max_k: int                # most neurons that still meet --min-flop-reduction
+    positions: float = 1.0
+
+    def cost(self, k: int | None, kind: str) -> float:
+        per_row = (self.d if k is None else k) * (self.d_in + self.d_out)
+        return per_row * (self.positions if kind == "flops" else 1.0)
+
+    def squared_error(self, k: int | None) -> float:
+        return 0.0 if k is None else float(self.errors[k]) ** 2
+
+    def grid(self, multiple: int) -> list[int]:
+        top = self.max_k
+        if top < 1:
+            return []
+        if top < multiple:
+            return list(range(top, 0, -1))
+        return list(range(top - top % multiple, 0, -multiple))
+
+
 class Spectrum(Protocol):
     name: str
 

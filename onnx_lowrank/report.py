@@ -232,8 +232,12 @@ class Report:
     @property
     def candidates(self) -> list[LayerRecord]:
         """The layers a decompose pass considered. The normalize and merge passes' records (folded,
-        fused, merged) describe rewrites around those layers and are not counted as candidates."""
-        return [r for r in self.layers if r.pass_name.startswith("decompose_")]
+        fused, merged) describe rewrites around those layers and are not counted as candidates.
+        A layer prune_mlp shrank is counted once, by prune_mlp's record (the decompose pass after
+        it sees the shrunk weight and leaves it dense)."""
+        pruned = {r.name for r in self.layers if r.pass_name == "prune_mlp" and r.decomposed}
+        return [r for r in self.layers if r.pass_name.startswith("decompose_") and r.name not in pruned
+                or r.pass_name == "prune_mlp" and r.decomposed]
 
     @property
     def changed(self) -> bool:

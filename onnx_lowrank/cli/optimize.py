@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import OptionError
-from ..options import CONV_METHODS, DEFAULT_CACHE_DIR, measure_default
+from ..options import CONV_METHODS, DEFAULT_CACHE_DIR, MLP_FORMS, MLP_SELECTIONS, measure_default
 from ..runtime import PROVIDERS
 from .common import add_layer_selection, check_side_outputs, float_arg, int_arg, peak_memory, skip_list, write_text
 
@@ -70,6 +70,15 @@ def add_parser(sub) -> None:
                            "or auto: the fastest of them per layer at the same error budget (default tucker2)")
     conv.add_argument("--branches", type=int_arg, default=4, metavar="G",
                       help="branches (core groups) of branched-tucker; ranks become multiples of G (default 4)")
+    mlp = p.add_argument_group("MLP blocks (MatMul -> activation -> MatMul)")
+    mlp.add_argument("--mlp-form", default="svd", choices=MLP_FORMS,
+                     help="svd: each MatMul by its own SVD; nystrom: keep k of the block's neurons and refit the "
+                          "second matrix on the calibration activations (two smaller dense MatMuls, no extra "
+                          "node); auto: per block, whichever the allocation predicts less error for at the same "
+                          "MACs (nystrom and auto need --calibration; default svd)")
+    mlp.add_argument("--mlp-selection", default="greedy", choices=MLP_SELECTIONS,
+                     help="which neurons nystrom keeps: greedy least-squares forward selection, energy "
+                          "(activation energy x output-weight norm), leverage (ridge leverage) (default greedy)")
     sel = p.add_argument_group("which layers")
     add_layer_selection(sel, "passes not to run (names as in the report)")
     sel.add_argument("--fuse-horizontal", action="store_true",

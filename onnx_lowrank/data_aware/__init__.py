@@ -54,8 +54,8 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
     report.data_aware = outcome = DataAwareOutcome()
     positions = None
     if options.calibration is not None:
-        grams, positions, outcome.calibration = _calibrate.calibrate(plan, graph, original, context, on_batch)
-        context = dataclasses.replace(context, layers=context.layers.with_(grams=grams))
+        grams, sums, positions, outcome.calibration = _calibrate.calibrate(plan, graph, original, context, on_batch)
+        context = dataclasses.replace(context, layers=context.layers.with_(grams=grams, sums=sums))
         report.notes.append(_calibrate.describe(outcome.calibration))
     if options.target is not None:
         outcome.allocation = _allocate.allocate(plan, graph, original, context, decompose, positions, report.notes)

@@ -16,7 +16,8 @@ from ..graph import export_graph
 from ..inputs import input_hints
 from ..passes import PassContext, PassEntry
 from ..passes.base import layer_name, unique_name
-from ..rank_allocation import ConvSpectrum, Spectrum, allocate_ranks, flop_ratio_for_speedup, predicted_error, rank_grid
+from ..rank_allocation import (ConvSpectrum, NeuronSpectrum, Spectrum, allocate_ranks, flop_ratio_for_speedup,
+                               predicted_error, rank_grid)
 from ..report import AllocationOutcome
 from ..time_share import TimeShare, choose_share, without_layers
 from .plan import DataPlan
@@ -39,7 +40,9 @@ def allocate(plan: DataPlan, graph: gs.Graph, original: onnx.ModelProto, context
     if plan.data is not None:
         weights = sensitivities(plan, original, context)
         if weights:
-            plan.spectra = [dataclasses.replace(s, errors=s.errors * weights.get(s.name, 1.0)) for s in plan.spectra]
+            # a pruned block's error is at its second layer's output, and weighs as that layer's
+            plan.spectra = [dataclasses.replace(s, errors=s.errors * weights.get(_error_at(s), 1.0))
+                            for s in plan.spectra]
             sensitivity = [min(weights.values()), max(weights.values())]
             notes.append(f"layer sensitivities: output error per unit of layer error from "
                          f"{sensitivity[0]:.2f} to {sensitivity[1]:.2f}, measured by "
@@ -53,6 +56,7 @@ def allocate(plan: DataPlan, graph: gs.Graph, original: onnx.ModelProto, context
         share = time_share(value, plan.reference(original), plan, options)
         kind, ratio = "flops", _speedup_ratio(value, share, notes)
         plan.flop_ratio, plan.time_fraction = ratio, share.share
+    plan.spectra = mlp_forms(plan.spectra, ratio, kind, options, notes)
     plan.allocation = allocate_ranks(plan.spectra, ratio, kind, options.rounding_multiple)
     outcome = _outcome(plan, kind, ratio, sensitivity, share)
     notes.append(describe(outcome))
@@ -70,12 +74,48 @@ def survey(graph: gs.Graph, context: PassContext, decompose: list[PassEntry]) ->
     return list(probe.state.survey.values())
 
 
+def _error_at(spectrum: Spectrum) -> str:
+    """The layer whose output a spectrum's error is measured at."""
+    return spectrum.layers[1] if isinstance(spectrum, NeuronSpectrum) else spectrum.name
+
+
+def mlp_forms(spectra: list[Spectrum], ratio: float, kind: str, options, notes: list[str]) -> list[Spectrum]:
+    """The spectra the allocation chooses among: per MLP block (prune_mlp's NeuronSpectrum) either
+    the block on k neurons or its two layers by SVD, never both. --mlp-form nystrom takes every
+    block; auto allocates the SVD forms first and takes a block where, at the MACs that allocation
+    gave its two layers, keeping neurons predicts less error."""
+    blocks = [s for s in spectra if isinstance(s, NeuronSpectrum)]
+    layers = [s for s in spectra if not isinstance(s, NeuronSpectrum)]
+    if not blocks:
+        return spectra
+    multiple = options.rounding_multiple
+    if options.mlp_form == "nystrom":
+        chosen = blocks
+    else:
+        by_name = {s.name: s for s in layers}
+        svd = allocate_ranks(layers, ratio, kind, multiple).ranks
+        chosen = []
+        for block in blocks:
+            members = [by_name[name] for name in block.layers if name in by_name]
+            dense = block.cost(None, kind) - sum(m.cost(None, kind) for m in members)   # layers not surveyed
+            cost = dense + sum(m.cost(svd[m.name], kind) for m in members)
+            error = sum(m.squared_error(svd[m.name]) for m in members)
+            fits = [k for k in block.grid(multiple) if block.cost(k, kind) <= cost * (1 + 1e-12)]
+            if cost < block.cost(None, kind) and fits and block.squared_error(fits[0]) < error:
+                chosen.append(block)
+        notes.append(f"--mlp-form auto: {len(chosen)} of {len(blocks)} MLP blocks keep neurons (prune_mlp), the "
+                     "others per-layer SVD: the form with the smaller predicted error at the MACs a per-layer "
+                     "allocation gave the block")
+    replaced = {name for block in chosen for name in block.layers}
+    return [s for s in layers if s.name not in replaced] + chosen
+
+
 def _per_sample(spectrum: Spectrum, positions: dict[str, float]) -> Spectrum:
     """Costs per calibration sample, the unit the calibration counted rows in: a matrix layer's
     rows, a conv's output pixels (its channel Gram counted input pixels)."""
-    if spectrum.name not in positions:
+    if _error_at(spectrum) not in positions:
         return spectrum
-    rows = positions[spectrum.name]
+    rows = positions[_error_at(spectrum)]
     return dataclasses.replace(spectrum, positions=rows / spectrum.stride if isinstance(spectrum, ConvSpectrum) else rows)
 
 def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContext) -> dict[str, float] | None:
@@ -92,6 +132,8 @@ def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContex
     names = set(plan.names)
     probes = []
     for spectrum in plan.spectra:
+        if isinstance(spectrum, NeuronSpectrum):
+            continue   # weighed by its second layer's sensitivity
         node = nodes.get(spectrum.name)
         if (node is None or node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant)
                 or isinstance(node.inputs[0], gs.Constant)):

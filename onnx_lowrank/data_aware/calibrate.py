@@ -17,8 +17,10 @@ from .plan import DataPlan, held_back_count
 
 
 def calibrate(plan: DataPlan, graph, original, context: PassContext, on_batch: Callable[[int], None] | None = None
-              ) -> tuple[dict[str, np.ndarray], dict[str, float], CalibrationOutcome]:
-    """(layer -> Gram, layer -> rows per sample, outcome); sets plan.data and plan.fit_stop."""
+              ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, int]], dict[str, float],
+                         CalibrationOutcome]:
+    """(layer -> Gram, layer -> (column sums, rows), layer -> rows per sample, outcome); sets
+    plan.data and plan.fit_stop."""
     options = context.options
     inputs = [t.name for t in graph.inputs]
     plan.data = load_calibration(options.calibration, inputs)
@@ -28,7 +30,7 @@ def calibrate(plan: DataPlan, graph, original, context: PassContext, on_batch: C
     calibration = collect_grams(plan.reference(original), specs, plan.data, stop=plan.fit_stop, provider=options.provider,
                                 on_batch=on_batch)
     outcome = CalibrationOutcome(len(calibration.grams), calibration.samples, plan.data.samples - plan.fit_stop)
-    return shared_grams(calibration.grams, specs, context), calibration.positions, outcome
+    return shared_grams(calibration.grams, specs, context), calibration.sums, calibration.positions, outcome
 
 
 def describe(outcome: CalibrationOutcome) -> str:

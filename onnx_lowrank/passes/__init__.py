@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from ..options import Options
 from . import (decompose_conv, decompose_gemm, decompose_matmul, fold_batchnorm, fold_constant_weights,
-               fuse_horizontal, fuse_parallel, merge_factors, merge_linear, restore_folded_weights)
+               fuse_horizontal, fuse_parallel, merge_factors, merge_linear, prune_mlp, restore_folded_weights)
 from .base import PassContext, PassResult
 
 Pass = Callable[[gs.Graph, PassContext], PassResult]
@@ -36,6 +36,8 @@ PIPELINE: list[PassEntry] = [
     PassEntry(fold_batchnorm.NAME, fold_batchnorm.fold_batchnorm, "normalize"),
     PassEntry(fuse_parallel.NAME, fuse_parallel.fuse_parallel, "normalize"),
     PassEntry(merge_linear.NAME, merge_linear.merge_linear, "normalize"),
+    # before the per-layer passes: a block it shrinks or keeps whole is left dense by them
+    PassEntry(prune_mlp.NAME, prune_mlp.prune_mlp, "decompose", lambda o: o.mlp_form != "svd" and "matmul" in o.ops),
     PassEntry(decompose_matmul.NAME, decompose_matmul.decompose_matmul, "decompose", lambda o: "matmul" in o.ops),
     PassEntry(decompose_gemm.NAME, decompose_gemm.decompose_gemm, "decompose", lambda o: "gemm" in o.ops),
     PassEntry(decompose_conv.NAME, decompose_conv.decompose_conv, "decompose", lambda o: "conv" in o.ops),

@@ -79,7 +79,9 @@ def factorize_matrix(context: PassContext, weight: gs.Constant, w: np.ndarray, r
         return None
     prior = prior_choice(context, weight)
     if prior is not None and prior.ranks is None:
-        record.status, record.reason = "skipped", f"reads the weight of {prior.layer}, which stays dense"
+        record.status = "skipped"
+        record.reason = (f"a layer of MLP block {prior.layer}, which prune_mlp keeps dense" if prior.method == "nystrom"
+                         else f"reads the weight of {prior.layer}, which stays dense")
         return None
     factors = _factorize(context, weight, w, record, input_axis, geometry, prior)
     if context.state.survey is None and prior is None:

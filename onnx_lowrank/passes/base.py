@@ -27,6 +27,8 @@ class LayerPlan:
 
     # data-aware path (onnx_lowrank.calibration): layer -> Gram X^T X of its input rows [k, k]
     grams: Mapping[str, np.ndarray] = field(default_factory=dict)
+    # layer -> (column sums [k], rows) of the same inputs: the intercept of prune_mlp's refit
+    sums: Mapping[str, tuple[np.ndarray, int]] = field(default_factory=dict)
     # layer -> rank chosen by global allocation (rank_allocation.py), or fixed by error correction
     # ((r_out, r_in) for a k x k conv's Tucker-2); None keeps the layer dense. Layers not in it
     # follow the rank rule.
