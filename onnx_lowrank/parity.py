@@ -125,7 +125,16 @@ def _describe(args) -> str:
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
-    return arrays[0] if len(arrays) == 1 else np.stack(arrays)
+    """One array of the outputs over several runs. Batches of samples can differ in size (the last
+    held-back batch is short): those are joined along the batch axis, which keeps a class axis
+    where top-1 agreement reads it."""
+    if len(arrays) == 1:
+        return arrays[0]
+    if all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    if all(a.ndim >= 1 and a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        return np.concatenate(arrays)
+    return np.concatenate([a.reshape(-1) for a in arrays])
 
 
 __all__ = ["check_parity", "run_reference", "ReferenceRun", "OutputComparison", "ParityResult", "Tolerance"]

@@ -120,3 +120,15 @@ def test_target_speedup_is_measured_and_reallocated_until_met(calib, monkeypatch
     assert timings[0] < 1.5 <= timings[-1] == fake_speedup(MLP, model, None, None)
     _, unmeasured = optimize(MLP, calibration=calib, target_speedup=1.5, validate=False, measure=False)
     assert not any(n.startswith("--target-speedup 1.5 measured") for n in unmeasured.notes)
+
+
+def test_held_back_samples_in_batches_of_unequal_size_are_compared_as_one(tmp_path):
+    """60 samples hold back 30 (half), which calibration reads in batches of 8, 8, 8 and 6: the gate
+    and the parity check compare them as one batch of 30 (stacking them raised a ValueError)."""
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((60, 256)).astype(np.float32))
+    model, report = optimize("models/lowrank_mlp_small.onnx", calibration=str(path), target_flops=0.6,
+                             measure=False)
+    assert report.parity is not None and report.parity.samples == 4
+    assert report.data_aware.gate is not None and report.data_aware.gate.samples == 30
+    assert report.parity.outputs[0].passed == report.parity.passed
