@@ -3,6 +3,7 @@ the one-line error without torch, and with torch: the evaluator against ONNX Run
 models, held-out error lowered and never raised, initializers kept by name, an unsupported op
 answered with the closed form."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -137,6 +138,7 @@ def test_refine_lowers_held_out_error_and_keeps_the_initializers(torch, calib):
     assert [n.op_type for n in refined.graph.node] == [n.op_type for n in closed.graph.node]
     onnx.checker.check_model(refined, full_check=True)
     assert any(note.startswith("refinement: 2 blocks") for note in report.notes)
+    assert [b["output"] for b in json.loads(report.to_json())["data_aware"]["refinement"]["blocks"]] == ["n1", "y"]
 
 
 def test_early_stopping_never_raises_held_out_error(torch, calib, monkeypatch):
@@ -161,3 +163,33 @@ def test_an_unsupported_op_keeps_the_closed_form(torch, calib):
     assert report.data_aware.refinement.reason.startswith("op Sin is not supported by --refine")
     assert any("op Sin is not supported by --refine: the closed-form fit is kept" in n for n in report.notes)
     assert refined.SerializeToString() == closed.SerializeToString()
+
+
+def test_bert_tiny_refines_on_padded_texts_cut_to_their_length(torch, tmp_path):
+    """The bundled BERT (exporter graph: shape arithmetic, LayerNorm, Erf, Softmax) end to end, on
+    right-padded token ids: chunks are cut to their longest text, the blocks are the LayerNorm
+    outputs, and the refined model (ORT, full length) is no worse than the closed form."""
+    from onnx_lowrank.data_aware.refine import _chunks, _trimmable
+
+    model = onnx.load(MODELS / "bert_tiny.onnx")
+    assert _trimmable(model) == "attention_mask"
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(4, 33, size=64)
+    mask = (np.arange(32)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, 1000, size=(64, 32)) * mask
+    path = tmp_path / "tokens.npz"
+    np.savez(path, input_ids=ids, attention_mask=mask)
+    refined, report = optimize(model, calibration=str(path), target_flops=0.5, max_error="none", measure=False,
+                               refine=True, refine_steps=5)
+    outcome = report.data_aware.refinement
+    assert not outcome.reason and len(outcome.blocks) == 4, report.notes     # two layers, two LayerNorms each
+    assert all("LayerNorm" in b.output or b.output == "last_hidden_state" for b in outcome.blocks)
+    assert outcome.refined_error <= outcome.closed_form_error
+    from onnx_lowrank.data_aware.plan import DataPlan
+    from onnx_lowrank.calibration import load_calibration
+
+    plan = DataPlan(None, set(), model, load_calibration(path, ["input_ids", "attention_mask"]))
+    widths = [c["input_ids"].shape[1] for c in _chunks(plan, 0, 64, "attention_mask")]
+    assert widths == sorted(widths) and widths[0] < 32 and max(widths) == lengths.max()
+    feeds = {"input_ids": ids[:8], "attention_mask": mask[:8]}
+    assert run_ort(refined, feeds)[0].shape == (8, 32, 256)

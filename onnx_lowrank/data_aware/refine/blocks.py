@@ -66,7 +66,9 @@ def alignment_blocks(reference: onnx.ModelProto, compressed: onnx.ModelProto, tr
         return True
 
     candidates = [name for name in sorted(tainted, key=lambda n: producer[n]) if name in known]
-    stream = [name for name in candidates if len(consumers.get(name, ())) >= 2 or name in outputs]
+    # read by two nodes that use its values (a Shape of it does not count)
+    stream = [name for name in candidates if name in outputs or sum(
+        nodes[j].op_type not in SHAPE_OPS for j in consumers.get(name, ())) >= 2]
     cuts = [name for name in stream if is_cut(name)] or [name for name in candidates if is_cut(name)]
     blocks: list[Block] = []
     done = 0                                  # bitmask of the nodes before the last alignment point kept
