@@ -78,6 +78,9 @@ def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
                                                               on_batch)
     optimized, outcome.refinement = _refine.refine(plan, original, optimized, context, report, on_batch)
     optimized, outcome.gate = _back_off.back_off(plan, original, optimized, context, entries, report)
+    if outcome.refinement and outcome.refinement.kept and outcome.gate and not outcome.gate.within:
+        report.notes.append("refinement: the gate refused the refined model; the model it backed off to is the "
+                            "closed-form fit at the lower ranks (not refined again)")
     return optimized
 
 

@@ -19,6 +19,7 @@ torch is an optional dependency (`pip install 'onnx-lowrank[refine]'`), imported
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -61,9 +62,8 @@ def refine(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
     options = context.options
     if not options.refine or plan.data is None:
         return optimized, None
-    torch = require_torch()
-    from .evaluator import TorchGraph, UnsupportedOp, to_torch
-    from .train import fit_block
+    require_torch()
+    from .evaluator import TorchGraph, UnsupportedOp
 
     began, cpu = time.perf_counter(), time.process_time()
     forms = factor_forms(plan.reference, optimized, report)
@@ -80,59 +80,88 @@ def refine(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
         report.notes.append(describe(outcome))
         return optimized, outcome
     blocks = alignment_blocks(plan.reference, optimized, set(forms))
-    held_count = max(1, int(plan.fit_stop * HOLD_OUT))
-    split = plan.fit_stop - held_count
-    names = fed_inputs(optimized)
-    trimmed = _trimmable(optimized)
-    chunks = [{k: to_torch(v[k]) for k in names} for v in _chunks(plan, 0, split, trimmed)]
-    train = list(range(len(chunks)))
-    held_batches = list(_chunks(plan, split, plan.fit_stop, trimmed))
-    chunks += [{k: to_torch(v[k]) for k in names} for v in held_batches]
-    held = list(range(len(train), len(chunks)))
-    masks = [_mask(chunk) for chunk in chunks]
-    outcome.train_samples, outcome.held_samples = split, held_count
-
-    streams: list[dict] = [{} for _ in chunks]          # compressed model's value at the block's start
-    references: list[dict] = [{} for _ in chunks]       # the original's
+    samples = _samples(plan, optimized)
+    outcome.train_samples, outcome.held_samples = samples.train_count, samples.held_count
     try:
-        for index, block in enumerate(blocks):
-            context.on_layer(f"refine {block.targets[0]}")
-            with torch.no_grad():
-                targets = [reference.run({**chunk, **references[c]}, list(block.targets))
-                           for c, chunk in enumerate(chunks)]
-
-            def loss(c: int) -> "torch.Tensor":
-                got = compressed.run({**chunks[c], **streams[c]}, list(block.targets))
-                return sum(_relative_error(got[t], targets[c][t], masks[c]) for t in block.targets) / len(block.targets)
-
-            parameters = [compressed.parameters[name] for name in block.parameters]
-            rates = [RATES.get(forms[name], REFIT_RATE) * float(p.detach().pow(2).mean().sqrt()) for name, p in
-                     zip(block.parameters, parameters)]
-            fit = fit_block(parameters, rates, loss, train, held, options.refine_steps, options.seed + index,
-                            on_step=lambda c: on_batch and on_batch(len(next(iter(chunks[c].values())))))
-            outcome.blocks.append(RefinedBlock(block.targets[0], len(block.parameters),
-                                               sum(p.numel() for p in parameters), fit.steps, fit.best_step,
-                                               fit.train_before, fit.train_after, fit.held_before, fit.held_after))
-            point = block.targets[0]      # where the next block starts
-            with torch.no_grad():
-                for c, chunk in enumerate(chunks):
-                    streams[c] = compressed.run({**chunk, **streams[c]}, [point])
-                    references[c] = {point: targets[c][point]}
+        outcome.blocks = _refine_blocks(compressed, reference, blocks, forms, samples, context, on_batch)
     except UnsupportedOp as exc:
-        outcome.blocks, outcome.reason = [], f"{exc} is not supported by --refine: the closed-form fit is kept"
+        outcome.reason = f"{exc} is not supported by --refine: the closed-form fit is kept"
         report.notes.append(describe(outcome))
         return optimized, outcome
     refined = _write_back(optimized, {name: p.detach().numpy() for name, p in compressed.parameters.items()})
     # the evaluator's own arithmetic is checked where it matters: the whole refined model in ONNX
     # Runtime on the held-out chunks, against the closed form, by the loss's measure
-    expected = _outputs(plan.reference, held_batches, options.provider)
-    outcome.closed_form_error = _output_error(expected, _outputs(optimized, held_batches, options.provider),
-                                              held_batches)
-    outcome.refined_error = _output_error(expected, _outputs(refined, held_batches, options.provider), held_batches)
+    held = samples.held_batches
+    expected = _outputs(plan.reference, held, options.provider)
+    outcome.closed_form_error = _output_error(expected, _outputs(optimized, held, options.provider), held)
+    outcome.refined_error = _output_error(expected, _outputs(refined, held, options.provider), held)
     outcome.kept = outcome.refined_error <= outcome.closed_form_error
     outcome.seconds, outcome.cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
     report.notes.append(describe(outcome))
     return (refined if outcome.kept else optimized), outcome
+
+
+@dataclass
+class _Samples:
+    """The fit samples as chunks: inputs (torch) and padding masks per chunk, which chunks train
+    and which are held out, and the held-out ones as numpy feeds for ONNX Runtime."""
+
+    inputs: list[dict]
+    masks: list
+    train: list[int]
+    held: list[int]
+    held_batches: list[dict]
+    train_count: int
+    held_count: int
+
+
+def _samples(plan: DataPlan, model: onnx.ModelProto) -> _Samples:
+    from .evaluator import to_torch
+
+    held_count = max(1, int(plan.fit_stop * HOLD_OUT))
+    split = plan.fit_stop - held_count
+    names, trimmed = fed_inputs(model), _trimmable(model)
+    train_batches = list(_chunks(plan, 0, split, trimmed))
+    held_batches = list(_chunks(plan, split, plan.fit_stop, trimmed))
+    inputs = [{k: to_torch(b[k]) for k in names} for b in train_batches + held_batches]
+    return _Samples(inputs, [_mask(chunk) for chunk in inputs], list(range(len(train_batches))),
+                    list(range(len(train_batches), len(inputs))), held_batches, split, held_count)
+
+
+def _refine_blocks(compressed, reference, blocks: list, forms: dict[str, str], samples: _Samples,
+                   context: PassContext, on_batch: Callable[[int], None] | None) -> list[RefinedBlock]:
+    """Each block in turn from the compressed model's value at its start (earlier blocks refined)
+    to the original's at its targets; the trained values stay in `compressed.parameters`."""
+    import torch
+
+    from .train import fit_block
+
+    options, chunks, done = context.options, samples.inputs, []
+    streams: list[dict] = [{} for _ in chunks]          # the compressed model's value at the block's start
+    references: list[dict] = [{} for _ in chunks]       # the original's
+    for index, block in enumerate(blocks):
+        context.on_layer(f"refine {block.targets[0]}")
+        with torch.no_grad():
+            targets = [reference.run({**chunk, **references[c]}, list(block.targets)) for c, chunk in enumerate(chunks)]
+
+        def loss(c: int) -> "torch.Tensor":
+            got = compressed.run({**chunks[c], **streams[c]}, list(block.targets))
+            return sum(_relative_error(got[t], targets[c][t], samples.masks[c]) for t in block.targets) / len(
+                block.targets)
+
+        parameters = [compressed.parameters[name] for name in block.parameters]
+        rates = [RATES.get(forms[name], REFIT_RATE) * float(p.detach().pow(2).mean().sqrt())
+                 for name, p in zip(block.parameters, parameters)]
+        fit = fit_block(parameters, rates, loss, samples.train, samples.held, options.refine_steps,
+                        options.seed + index, on_step=lambda c: on_batch and on_batch(len(chunks[c][next(iter(chunks[c]))])))
+        done.append(RefinedBlock(block.targets[0], len(parameters), sum(p.numel() for p in parameters), fit.steps,
+                                 fit.best_step, fit.train_before, fit.train_after, fit.held_before, fit.held_after))
+        point = block.targets[0]      # where the next block starts
+        with torch.no_grad():
+            for c, chunk in enumerate(chunks):
+                streams[c] = compressed.run({**chunk, **streams[c]}, [point])
+                references[c] = {point: targets[c][point]}
+    return done
 
 
 def describe(outcome: RefineOutcome) -> str:
