@@ -23,6 +23,10 @@ class RuntimeUnavailableError(LowRankError):
     """ONNX Runtime, or the requested execution provider, is not installed."""
 
 
+class MissingDependencyError(LowRankError):
+    """An optional extra the requested feature needs is not installed (--refine: torch)."""
+
+
 class InferenceError(LowRankError):
     """ONNX Runtime refused to load or run a model."""
 

@@ -63,6 +63,10 @@ class Options:
     # 14 s -> 190 s) and gained MiniLM little (cosine 0.940 -> 0.946), while on the digits CNN it is
     # what keeps accuracy (88.4% -> 99.8% at 2.64x fewer conv MACs): optimize says so where it applies
     error_correction: bool = False
+    # with calibration: train the factors by gradient descent (torch, the [refine] extra) to the
+    # original's tensors at alignment points, block by block (data_aware/refine/)
+    refine: bool = False
+    refine_steps: int = 200              # Adam steps per block at most (early stopping may end sooner)
     # proof
     validate: bool = True
     # the quality gate of a lossy run (gate.py): relative L2 output error per output (None: the
@@ -139,6 +143,10 @@ class Options:
         _check(int(self.seed) == self.seed and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed}")
         _check(not self.error_correction or self.calibration is not None,
                "--error-correction refits layers on calibration samples: it needs --calibration")
+        _check(not self.refine or self.calibration is not None,
+               "--refine trains the factors on calibration samples: it needs --calibration")
+        _check(int(self.refine_steps) == self.refine_steps and self.refine_steps >= 1,
+               f"--refine-steps must be a positive integer, got {self.refine_steps}")
         for pattern, flag in ((self.include, "--include"), (self.exclude, "--exclude")):
             if pattern is not None:
                 try:

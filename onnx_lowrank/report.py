@@ -195,11 +195,43 @@ class GateOutcome:
 
 
 @dataclass
+class RefinedBlock:
+    """One block of --refine: the alignment point its loss compares, what it trained and the
+    relative squared error ||y - y0||^2 / ||y0||^2 there before (closed form) and after."""
+
+    output: str
+    factors: int                   # initializers trained
+    parameters: int
+    steps: int                     # Adam steps taken (early stopping may end them sooner)
+    best_step: int                 # the held-out best that was kept; 0: the closed form
+    train_before: float
+    train_after: float
+    held_before: float
+    held_after: float
+
+
+@dataclass
+class RefineOutcome:
+    """The refinement stage (--refine): per block, and the whole model on the held-out samples."""
+
+    blocks: list[RefinedBlock] = field(default_factory=list)
+    train_samples: int = 0
+    held_samples: int = 0
+    seconds: float = 0.0           # wall time of the stage
+    cpu_seconds: float = 0.0       # its process CPU time (on a shared machine, wall overstates the cost)
+    closed_form_error: float | None = None   # worst output rel_l2 on the held-out samples, in ORT
+    refined_error: float | None = None
+    kept: bool = False             # the refined model was written (no worse than the closed form)
+    reason: str = ""               # why nothing was refined
+
+
+@dataclass
 class DataAwareOutcome:
     calibration: CalibrationOutcome | None = None
     allocation: AllocationOutcome | None = None
     speed: SpeedOutcome | None = None
     correction: CorrectionOutcome | None = None
+    refinement: RefineOutcome | None = None
     gate: GateOutcome | None = None
 
 

@@ -43,6 +43,12 @@ def add_parser(sub) -> None:
                       help="with --calibration, refit the factorized layers (k x k convs included) to the original "
                            "outputs, depth by depth, on the inputs they see in the compressed model (one more pass "
                            "over the samples per depth)")
+    data.add_argument("--refine", action="store_true",
+                      help="with --calibration, train the factors by gradient descent (Adam, block by block, early "
+                           "stopping on held-out samples) to the original's tensors at the block outputs; needs "
+                           "torch: pip install 'onnx-lowrank[refine]'")
+    data.add_argument("--refine-steps", type=int_arg, default=200, metavar="N",
+                      help="Adam steps per block at most (default 200)")
     target = data.add_mutually_exclusive_group()
     target.add_argument("--target-flops", type=float_arg, metavar="F",
                         help="choose all ranks together so the candidate layers keep F of their MACs")

@@ -8,6 +8,7 @@
     finish (after the first rewrite)
       3. meet_speedup  speed.py     --target-speedup measured, re-allocated while short
       4. correct       correct.py   --error-correction: refit layers depth by depth
+      4b. refine       refine/      --refine: train the factors block by block (torch)
       5. back_off      back_off.py  the quality gate on held-back samples; back off until it holds
 
 Each stage reads the DataPlan (plan.py) and returns its outcome (report.DataAwareOutcome); every
@@ -29,6 +30,7 @@ from . import allocate as _allocate
 from . import back_off as _back_off
 from . import calibrate as _calibrate
 from . import correct as _correct
+from . import refine as _refine
 from . import speed as _speed
 from .plan import (DataPlan, Snapshot, analysis_shapes, fed_inputs, fit_batches, held_back_count, parity_samples,
                    replace_records, rewrite, rewrite_snapshot)
@@ -48,6 +50,8 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
     options = context.options
     if options.calibration is None and options.target is None:
         return None, context
+    if options.refine:
+        _refine.require_torch()      # before calibration's minutes, not after
     plan = DataPlan(graph.copy(), set(context.state.names))
     # the survey, the allocation, the rewrites and the back-off share each layer's SVD
     context = dataclasses.replace(context, cache={})
@@ -66,12 +70,16 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
 def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
            entries: list[PassEntry], report: Report, on_batch: Callable[[int], None] | None = None
            ) -> onnx.ModelProto:
-    """Stages 3, 4 and 5 on the rewritten model."""
+    """Stages 3, 4, 4b and 5 on the rewritten model: the gate judges the refined model."""
     outcome = report.data_aware
     optimized, context, outcome.speed = _speed.meet_speedup(plan, original, optimized, context, entries, report)
     optimized, context, outcome.correction = _correct.correct(plan, original, optimized, context, entries, report,
                                                               on_batch)
+    optimized, outcome.refinement = _refine.refine(plan, original, optimized, context, report, on_batch)
     optimized, outcome.gate = _back_off.back_off(plan, original, optimized, context, entries, report)
+    if outcome.refinement and outcome.refinement.kept and outcome.gate and not outcome.gate.within:
+        report.notes.append("refinement: the gate refused the refined model; the model it backed off to is the "
+                            "closed-form fit at the lower ranks (not refined again)")
     return optimized
 
 
