@@ -188,7 +188,7 @@ def test_bert_tiny_refines_on_padded_texts_cut_to_their_length(torch, tmp_path):
     from onnx_lowrank.data_aware.plan import DataPlan
     from onnx_lowrank.calibration import load_calibration
 
-    plan = DataPlan(None, set(), model, load_calibration(path, ["input_ids", "attention_mask"]))
+    plan = DataPlan(None, set(), data=load_calibration(path, ["input_ids", "attention_mask"]))
     widths = [c["input_ids"].shape[1] for c in _chunks(plan, 0, 64, "attention_mask")]
     assert widths == sorted(widths) and widths[0] < 32 and max(widths) == lengths.max()
     feeds = {"input_ids": ids[:8], "attention_mask": mask[:8]}
