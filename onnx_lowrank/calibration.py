@@ -346,7 +346,7 @@ def layer_time_fraction(model: onnx.ModelProto, layers: set[str], data: Calibrat
     return found / total if total and found else None   # a profile that names none of them says nothing
 
 
-def probe_deviations(model: onnx.ModelProto, selector: str, count: int, data: CalibrationData, *, start: int = 0,
+def probe_deviations(model: onnx.ModelProto | str, selector: str, count: int, data: CalibrationData, *, start: int = 0,
                      stop: int | None = None, provider: str = "cpu", batch_size: int = BATCH_SIZE) -> np.ndarray:
     """For a model with an extra input `selector` [count] that switches on one perturbation each:
     the relative deviation ||y_i - y|| / ||y|| of all outputs together, for each i, over the samples."""

@@ -5,6 +5,8 @@ sensitivity, turn --target-speedup into a MAC budget by the layers' share of the
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +16,7 @@ from ..calibration import layer_time_fraction, probe_deviations
 from ..errors import InferenceError
 from ..graph import export_graph
 from ..inputs import input_hints
+from ..io import write_model
 from ..passes import PassContext, PassEntry
 from ..passes.base import layer_name, unique_name
 from ..rank_allocation import (ConvSpectrum, NeuronSpectrum, Spectrum, allocate_ranks, flop_ratio_for_speedup,
@@ -127,6 +130,25 @@ def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContex
     One probe model, one session: each layer's output gets + s_i x (W_r - W) for its input x,
     s = one-hot over the layers, so probing is one run per layer instead of one model per layer.
     MatMul layers with the weight on the right only (transformers); None when others take part."""
+    built = _probe_model(plan, original, context)
+    if built is None:
+        return None
+    probe, probed, selected = built
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-probe-") as folder:
+        # ONNX Runtime reads the probe from a file, and the model is dropped before the session
+        # holds its weights: the two together were the allocation's peak
+        path = Path(folder) / "probe.onnx"
+        write_model(probe, path)
+        del probe, built
+        deviations = probe_deviations(str(path), selected, len(probed), plan.data,
+                                      stop=min(plan.fit_stop, SENSITIVITY_SAMPLES), provider=context.options.provider)
+    return {spectrum.name: float(deviation / max(spectrum.errors[rank], 1e-12))
+            for (spectrum, rank), deviation in zip(probed, deviations)}
+
+
+def _probe_model(plan: DataPlan, original: onnx.ModelProto, context: PassContext):
+    """(the probe model, [(spectrum, rank) probed], the selector input's name), or None. Its own
+    function so that the graph, with the probe's factors in numpy, is gone once it is exported."""
     graph = plan.normalized.copy()
     nodes = {layer_name(node): node for node in graph.nodes}
     names = set(plan.names)
@@ -171,11 +193,7 @@ def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContex
             gs.Node("Mul", unique_name(names, f"{spectrum.name}_probe_mul"), inputs=[moved, scale], outputs=[scaled]),
             gs.Node("Add", unique_name(names, f"{spectrum.name}_probe_add"), inputs=[dense, scaled], outputs=[y]),
         ])
-    probe = export_graph(graph, original)
-    deviations = probe_deviations(probe, selector.name, len(probes), plan.data,
-                                  stop=min(plan.fit_stop, SENSITIVITY_SAMPLES), provider=context.options.provider)
-    return {spectrum.name: float(deviation / max(spectrum.errors[rank], 1e-12))
-            for (spectrum, _, rank), deviation in zip(probes, deviations)}
+    return export_graph(graph, original), [(spectrum, rank) for spectrum, _, rank in probes], selector.name
 
 
 
