@@ -125,10 +125,8 @@ class _stubbed_weights:
                 if (type(values) is not gs.ir.tensor.LazyValues or not values.tensor.HasField("raw_data")
                         or tensor_nbytes(values.tensor) < self.threshold):
                     continue
-                stub = onnx.TensorProto(name=tensor.name, data_type=values.tensor.data_type)
-                stub.dims.extend(values.tensor.dims)
                 self.lazy.append((tensor, values))
-                tensor._values = gs.ir.tensor.LazyValues(stub)
+                tensor._values = gs.ir.tensor.LazyValues(tensor_stub(values.tensor))
                 sources[tensor.name] = values.tensor
         return sources
 
@@ -257,6 +255,13 @@ def model_size(model: onnx.ModelProto) -> int:
     past 2 GB (ByteSize raises), which is exactly when the size matters."""
     big = sum(n for n in map(tensor_nbytes, model.graph.initializer) if n >= 1024)
     return structure_only(model).ByteSize() + big
+
+
+def tensor_stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """The tensor's name, type, shape and doc string, without its data."""
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, doc_string=tensor.doc_string)
+    stub.dims.extend(tensor.dims)
+    return stub
 
 
 def resident_size(model: onnx.ModelProto) -> int:

@@ -12,7 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError, OutputError, first_line
-from .graph import BASEPATH, copy_field, copy_fields, external_base, model_size, structure_only, tensor_nbytes
+from .graph import BASEPATH, copy_field, copy_fields, external_base, model_size, structure_only, tensor_nbytes, tensor_stub
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -239,7 +239,7 @@ def _write_model(model: onnx.ModelProto, out, data_file: Path | None, initialize
     for tensor in initializers:
         lazy = external_base(tensor) is not None
         if lazy or (data_file is not None and tensor.HasField("raw_data") and tensor_nbytes(tensor) >= threshold):
-            entries.append((_stub_of(tensor), tensor))
+            entries.append((tensor_stub(tensor), tensor))
         else:
             entries.append((tensor, None))
     data = open(data_file, "wb") if data_file is not None else None
@@ -318,12 +318,6 @@ def _around(message, number: int) -> tuple[bytes, bytes]:
         if descriptor.number != number:
             copy_field(before if descriptor.number < number else after, descriptor, value)
     return before.SerializeToString(), after.SerializeToString()
-
-
-def _stub_of(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, doc_string=tensor.doc_string)
-    stub.dims.extend(tensor.dims)
-    return stub
 
 
 def _place(target: onnx.TensorProto, source: onnx.TensorProto, data) -> None:
