@@ -12,7 +12,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError, OutputError, first_line
-from .graph import BASEPATH, copy_field, copy_fields, external_base, model_size, structure_only, tensor_nbytes, tensor_stub
+from .graph import (BASEPATH, copy_field, copy_fields, external_base, model_size, structure_only, tensor_nbytes,
+                    tensor_stub)
 
 PROTOBUF_LIMIT = 2**31 - 1
 
