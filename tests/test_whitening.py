@@ -76,12 +76,34 @@ def test_rank_deficient_gram_does_not_crash(rows):
     assert whitening(gram, ridge=0.0).method == "eigh"
 
 
-def test_indefinite_gram_falls_back_to_eigh():
-    """A streamed float sum can come out slightly indefinite; that must not crash either."""
+@pytest.mark.parametrize("n", [4, 12])
+def test_indefinite_gram_does_not_crash(n):
+    """A streamed float sum can come out slightly indefinite; that must not crash either: a tall
+    weight never factors the Gram (its outputs' Gram has only non-negative eigenvalues left once
+    rounding is clamped), a wide one falls back from Cholesky to eigh."""
     gram = -np.eye(8)
-    white = whitened_svd(RNG.standard_normal((8, 4)), gram)
-    assert white.method == "eigh"
+    white = whitened_svd(RNG.standard_normal((8, n)), gram)
+    assert white.method == ("outputs" if n <= 8 else "eigh")
+    assert np.all(white.s >= 0)
     assert np.all(np.isfinite(np.matmul(*white.factors(2))))
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])
+def test_both_sides_give_the_thin_svd_of_the_whitened_weight(shape):
+    """Tall weights take the eigenvectors of the outputs' Gram, wide ones those of the whitened
+    weight's own: either way the singular values and every truncation are those of the thin SVD
+    of R^T W mapped back (SVD-LLM's construction, computed here directly)."""
+    k, n = shape
+    x = anisotropic_inputs(rows=400, k=k, decay=2.0)
+    w = RNG.standard_normal((k, n))
+    gram = x.T @ x
+    white = whitened_svd(w, gram)
+    root = np.linalg.cholesky(gram + 1e-6 * np.trace(gram) / k * np.eye(k))
+    u, s, vt = np.linalg.svd(root.T @ w, full_matrices=False)
+    np.testing.assert_allclose(white.s, s, rtol=1e-9, atol=1e-9 * s[0])
+    for rank in (1, 5, min(k, n) - 1):
+        expected = np.linalg.solve(root.T, u[:, :rank] * s[:rank]) @ vt[:rank]
+        np.testing.assert_allclose(np.matmul(*white.factors(rank)), expected, atol=1e-8 * np.abs(expected).max())
 
 
 def test_asvd_gram_of_isotropic_inputs_is_the_plain_svd():
