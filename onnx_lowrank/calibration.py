@@ -6,12 +6,14 @@ X^T X of the rows its weight multiplies.
       -> per batch: flatten the activation to rows [m, k] (padding rows dropped), C += X^T X (float64)
 
 Memory is bounded by the Gram matrices (k^2 float64 per distinct input tensor; Q, K and V share
-one), never by the number of samples. Graph optimizations are off in the capture session, so
+one), never by the number of samples. A tall layer (k inputs -> n < k outputs) whose Gram serves
+only its whitened SVD is captured at its outputs instead: Y^T Y, n^2 (numerics.whitening.OutputGram). Graph optimizations are off in the capture session, so
 every tensor the graph names still exists (ORT's fusions would remove MatMul inputs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -29,6 +31,7 @@ from .graph import copy_fields
 from .inputs import check_every_input, read_npz
 from .io import write_model
 from .numerics.patches import ConvWindow, conv_patches
+from .numerics.whitening import OutputGram
 from .options import Options
 from .passes.candidates import match
 
@@ -102,21 +105,26 @@ class CaptureSpec:
     dtype: np.dtype
     weight: str
     window: ConvWindow | None = None
+    output: str | None = None    # the layer's output Y = X W: its Gram stands in for the inputs' (OutputGram)
 
     @property
     def key(self) -> tuple:
         """Specs with one key see the same rows: one capture, one Gram."""
-        return self.tensor, self.axis, self.window
+        return self.tensor, self.axis, self.window, self.output
 
 
-def capture_specs(graph: gs.Graph, options: Options, patches: bool = False) -> list[CaptureSpec]:
+def capture_specs(graph: gs.Graph, options: Options, patches: bool = False, outputs: bool = False
+                  ) -> list[CaptureSpec]:
     """The layers the decompose passes would factorize (passes/candidates.py: MatMul and Gemm with
     one constant 2-D side, group-1 Conv: 1x1 for whitened SVD, k x k for whitened Tucker-2; none the
     passes refuse), main graph only: a subgraph's tensors cannot be graph outputs. A k x k conv's
     Tucker-2 needs the channel Gram sum x x^T over all input pixels, which describes the
     input-channel mode whatever the pads and strides; a strided or padded 1x1's rows are its (1x1)
     patches. With `patches`, a 2-D k x k conv's rows are its patches (error correction fits the
-    whole kernel) rather than its input pixels (Tucker-2's channel Gram)."""
+    whole kernel) rather than its input pixels (Tucker-2's channel Gram). With `outputs`, a tall
+    float32 MatMul weight (x W, W [k, n], n < k) is captured at its output instead
+    (numerics.whitening.OutputGram): for callers that need nothing of the inputs but the whitened
+    SVD. Only float32 outputs: a float16 product's rounding (1e-3) would be most of a tail's error."""
     specs = []
     for node in graph.nodes:
         candidate = match(node, options)
@@ -130,9 +138,20 @@ def capture_specs(graph: gs.Graph, options: Options, patches: bool = False) -> l
                 if window is None and all(d == 1 for d in kernel):
                     continue   # a strided 1x1 whose rows cannot be unfolded: weight-only
         # the layer name is the key the passes look the Gram up by
-        specs.append(CaptureSpec(candidate.name, candidate.x.name, candidate.axis, np.dtype(weight.values.dtype),
-                                 weight.name, window))
-    return specs
+        dtype = np.dtype(weight.values.dtype)
+        output = node.outputs[0].name if outputs and _tall_product(node, candidate, dtype) else None
+        specs.append(CaptureSpec(candidate.name, candidate.x.name, candidate.axis, dtype, weight.name, window, output))
+    # a weight factorized once for all its readers takes one kind of Gram: its inputs' if any reader needs that
+    inputs_side = {s.weight for s in specs if s.output is None}
+    return [dataclasses.replace(s, output=None) if s.weight in inputs_side else s for s in specs]
+
+
+def _tall_product(node: gs.Node, candidate, dtype: np.dtype) -> bool:
+    """y = x W with W [k, n], n < k, in float32 or float64: y itself is the product, with no bias or
+    scale folded in."""
+    shape = candidate.weight.shape
+    return (node.op == "MatMul" and not candidate.weight_first and len(shape) == 2 and shape[1] < shape[0]
+            and dtype in (np.float32, np.float64) and node.outputs[0].dtype in (None, np.float32, np.float64))
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -158,6 +177,7 @@ def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: Calibr
     on_batch(samples in the batch) is called after each batch, for a progress bar."""
     keys = list(dict.fromkeys(s.key for s in specs))
     grams: dict[tuple, np.ndarray] = {}
+    traces: dict[tuple, float] = {}
     rows: dict[tuple, int] = {key: 0 for key in keys}
     sums: dict[tuple, tuple[np.ndarray, int]] = {}
     samples = 0
@@ -167,7 +187,13 @@ def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: Calibr
         for key in keys:
             computed, x = _layer_rows(values[key[0]], key, mask)
             rows[key] += computed
-            grams[key] = x.T @ x if key not in grams else grams[key] + x.T @ x
+            output = key[3]
+            if output is not None:
+                traces[key] = traces.get(key, 0.0) + float(np.einsum("ij,ij->", x, x))
+                _, y = _layer_rows(values[output], key, mask)
+            else:
+                y = x
+            grams[key] = y.T @ y if key not in grams else grams[key] + y.T @ y
             total, fitted = sums.get(key, (0.0, 0))
             sums[key] = (total + x.sum(axis=0), fitted + x.shape[0])
         samples += count
@@ -175,6 +201,8 @@ def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: Calibr
             on_batch(count)
     if not samples:
         raise OptionError("--calibration: no samples to calibrate on")
+    for key, trace in traces.items():
+        grams[key] = OutputGram(grams[key], trace, len(sums[key][0]))
     return Calibration(grams=_per_layer(specs, grams),
                        positions={s.layer: rows[s.key] / samples for s in specs},
                        samples=samples, sums={s.layer: sums[s.key] for s in specs})
@@ -252,7 +280,8 @@ def _capture_model(model: onnx.ModelProto, specs: list[CaptureSpec]
     main graph's initializers, and those it needs (`model`'s own tensors, not copies)."""
     wanted: dict[str, np.dtype] = {}
     for spec in specs:
-        wanted.setdefault(spec.tensor, spec.dtype)
+        for tensor in filter(None, (spec.tensor, spec.output)):
+            wanted.setdefault(tensor, spec.dtype)
     needed = set(wanted)
     kept = []
     for node in reversed(model.graph.node):
@@ -299,7 +328,7 @@ def _mask_input(session) -> str | None:
 def _layer_rows(value: np.ndarray, key: tuple, mask: np.ndarray | None) -> tuple[int, np.ndarray]:
     """(rows the layer computes, the rows that steer the fit) [m, k] in float64: a conv's patches
     under its window, else the activation over its feature axis with padding rows dropped."""
-    _, axis, window = key
+    _, axis, window, _ = key
     if window is not None:
         patches = conv_patches(np.asarray(value, dtype=np.float64), window)
         return patches.shape[0], patches

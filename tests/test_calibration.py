@@ -146,3 +146,31 @@ def test_capture_model_keeps_only_what_the_captured_tensors_need(tmp_path):
     data = load_calibration(tmp_path / "calib.npz", ["x"])
     hidden = np.maximum(x.astype(np.float64) @ W1.astype(np.float64), 0)
     np.testing.assert_allclose(collect_grams(model, specs, data).grams["fc2"], hidden.T @ hidden, rtol=RTOL, atol=1e-4)
+
+
+def test_a_tall_layer_is_captured_at_its_outputs(tmp_path):
+    """fc2 maps 32 features to 8: with outputs=True its Gram is Y^T Y [8, 8] of its outputs plus
+    trace(X^T X), padding rows left out as for the inputs, and the whitened SVD from it is the one
+    from the 32 x 32 inputs' Gram; fc1 (16 -> 32, wide) keeps its inputs' Gram."""
+    from onnx_lowrank.numerics.whitening import OutputGram, whitened_svd
+    x = RNG.standard_normal((6, 10, 16)).astype(np.float32)
+    mask = np.ones((6, 10), dtype=np.int64)
+    for i, length in enumerate([10, 3, 7, 1, 10, 5]):
+        mask[i, length:] = 0
+    x[mask == 0] = 100.0
+    np.savez(tmp_path / "calib.npz", x=x, attention_mask=mask)
+    model = model_from_text("(float[B, S, 16] x, int64[B, S] attention_mask) => (float[B, S, 8] y) "
+                            "{ [fc1] h = MatMul(x, W1) r = Relu(h) [fc2] y = MatMul(r, W2) }", W1=W1, W2=W2)
+    graph = import_graph(model)
+    data = load_calibration(tmp_path / "calib.npz", [t.name for t in graph.inputs])
+    inputs = collect_grams(model, capture_specs(graph, Options()), data, batch_size=4).grams
+    outputs = collect_grams(model, capture_specs(graph, Options(), outputs=True), data, batch_size=4).grams
+    assert isinstance(outputs["fc2"], OutputGram) and not isinstance(outputs["fc1"], OutputGram)
+    np.testing.assert_allclose(outputs["fc1"], inputs["fc1"], rtol=1e-12)
+    hidden = np.maximum(x[mask == 1].astype(np.float64) @ W1.astype(np.float64), 0)
+    y = hidden @ W2.astype(np.float64)
+    np.testing.assert_allclose(outputs["fc2"].gram, y.T @ y, rtol=RTOL, atol=1e-2)
+    assert outputs["fc2"].input_trace == pytest.approx(np.trace(hidden.T @ hidden), rel=RTOL)
+    by_outputs, by_inputs = whitened_svd(W2, outputs["fc2"]), whitened_svd(W2, inputs["fc2"])
+    np.testing.assert_allclose(by_outputs.s, by_inputs.s, rtol=1e-5)
+    np.testing.assert_allclose(np.matmul(*by_outputs.factors(5)), np.matmul(*by_inputs.factors(5)), atol=1e-4)

@@ -122,3 +122,20 @@ def test_corrected_weight_undoes_a_known_input_distortion():
     v = corrected_weight(w, xt.T @ xt, xt.T @ x, shrinkage=0.0)
     np.testing.assert_allclose(v, np.linalg.solve(p, w), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(corrected_weight(w, x.T @ x, x.T @ x, shrinkage=0.1), w, atol=1e-10)
+
+
+def test_the_outputs_gram_gives_the_inputs_whitened_svd():
+    """For a tall weight Y^T Y = W^T C W and trace(C) are all the whitened SVD needs: the same
+    singular values and truncations as from C itself, ridge included."""
+    from onnx_lowrank.numerics.whitening import OutputGram
+    x = anisotropic_inputs(rows=300, k=48, decay=2.0)
+    w = RNG.standard_normal((48, 12))
+    y = x @ w
+    by_inputs = whitened_svd(w, x.T @ x)
+    by_outputs = whitened_svd(w, OutputGram(y.T @ y, float(np.sum(x * x)), 48))
+    np.testing.assert_allclose(by_outputs.s, by_inputs.s, rtol=1e-10)
+    for rank in (1, 6, 11):
+        np.testing.assert_allclose(np.matmul(*by_outputs.factors(rank)), np.matmul(*by_inputs.factors(rank)),
+                                   atol=1e-9)
+    with pytest.raises(ValueError, match="does not match"):
+        whitened_svd(w.T, OutputGram(y.T @ y, 1.0, 48))

@@ -26,7 +26,8 @@ def calibrate(plan: DataPlan, graph, original, context: PassContext, on_batch: C
     plan.data = load_calibration(options.calibration, inputs)
     checks = gate_for(options).max_error is not None and plan.data.samples >= 2
     plan.fit_stop = plan.data.samples - (held_back_count(plan.data.samples) if checks else 0)
-    specs = capture_specs(graph, options)
+    # error correction and the MLP forms read the inputs' Grams themselves, not only through the SVD
+    specs = capture_specs(graph, options, outputs=not options.error_correction and options.mlp_form == "svd")
     calibration = collect_grams(plan.reference(original), specs, plan.data, stop=plan.fit_stop, provider=options.provider,
                                 on_batch=on_batch)
     outcome = CalibrationOutcome(len(calibration.grams), calibration.samples, plan.data.samples - plan.fit_stop)
@@ -45,7 +46,8 @@ def shared_grams(grams: dict[str, np.ndarray], specs: list, context: PassContext
     groups: dict[tuple, list[str]] = {}
     for spec in specs:
         if spec.layer in grams:
-            key = (weight_key(context, spec.weight), spec.axis, spec.window, grams[spec.layer].shape)
+            gram = grams[spec.layer]
+            key = (weight_key(context, spec.weight), spec.axis, spec.window, type(gram), gram.shape)
             groups.setdefault(key, []).append(spec.layer)
     shared = dict(grams)
     for layers in groups.values():
