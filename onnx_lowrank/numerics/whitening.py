@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .svd import relative_error_by_rank, single_threaded_blas, split_factors
+from .svd import relative_error_by_rank, single_threaded_blas
 
 #: Ridge added to the Gram, relative to its mean eigenvalue trace(C) / k. Large enough to keep the
 #: whitened problem well-conditioned in float64, small enough not to change which directions the
