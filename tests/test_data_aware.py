@@ -132,3 +132,37 @@ def test_held_back_samples_in_batches_of_unequal_size_are_compared_as_one(tmp_pa
     assert report.parity is not None and report.parity.samples == 4
     assert report.data_aware.gate is not None and report.data_aware.gate.samples == 30
     assert report.parity.outputs[0].passed == report.parity.passed
+
+
+def test_sensitivities_are_the_output_deviation_of_one_truncated_layer(calib, monkeypatch):
+    """The probe model (one run per layer, an If per layer switched by the selector) measures, per
+    layer, the model's relative output deviation with that layer alone truncated, over its layer
+    error: the same as truncating the layer in a copy of the model and running both."""
+    from onnx_lowrank.data_aware import allocate
+    from onnx_lowrank.rank_allocation import rank_grid
+    seen = {}
+    measure = allocate.sensitivities
+
+    def recording(plan, original, context):
+        seen.update(spectra=list(plan.spectra), plan=plan, context=context)   # before they are weighed
+        seen["weights"] = measure(plan, original, context)
+        return seen["weights"]
+
+    monkeypatch.setattr(allocate, "sensitivities", recording)
+    optimize(MLP, calibration=calib, target_flops=0.5, validate=False)
+    plan, context = seen["plan"], seen["context"]
+    x = np.load(calib)["x"][:min(plan.fit_stop, allocate.SENSITIVITY_SAMPLES)]
+    reference = run_ort(MLP, {"x": x})[0].astype(np.float64)
+    assert set(seen["weights"]) == {"fc1", "fc2"}
+    for spectrum in seen["spectra"]:
+        grid = rank_grid(spectrum, context.options.rounding_multiple)
+        rank = grid[len(grid) // 2]
+        a, b = context.cache[spectrum.name].factors(rank)
+        truncated = onnx.ModelProto()
+        truncated.CopyFrom(MLP)
+        weight = {"fc1": "W1", "fc2": "W2"}[spectrum.name]
+        for tensor in truncated.graph.initializer:
+            if tensor.name == weight:
+                tensor.CopyFrom(onnx.numpy_helper.from_array((a @ b).astype(np.float32), weight))
+        deviation = relative_error(run_ort(truncated, {"x": x})[0], reference)
+        assert seen["weights"][spectrum.name] == pytest.approx(deviation / spectrum.errors[rank], rel=1e-3)
