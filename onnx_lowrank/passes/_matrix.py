@@ -59,6 +59,29 @@ def screen_weights(context: PassContext, candidates: Iterable) -> None:
         context.state.energies.update(zip(todo, pool.map(energies, todo.values())))
 
 
+def decompose_ahead(context: PassContext, layers: Iterable[tuple[str, gs.Constant, bool, int]]) -> None:
+    """The whitened SVDs of every layer with a calibration Gram that the pass will ask for, computed
+    together on all cores into context.cache, as screen_weights does for the screens: (layer name,
+    weight, whether the layer applies it transposed, input_axis) per layer. Each runs on one BLAS
+    thread on the same arrays the pass would hand _decompose, so the results are the same."""
+    cache, grams = context.cache, context.layers.grams
+    if cache is None or not grams:
+        return
+    todo = {name: job for name, *job in layers   # a prior choice (prune_mlp's, a shared weight's) needs none
+            if name in grams and name not in cache and name not in context.layers.dense
+            and prior_choice(context, job[0]) is None}
+    workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if workers < 2:
+        return
+
+    def decompose(name: str, weight: gs.Constant, transposed: bool, input_axis: int) -> _Decomposition:
+        w = read_values(weight)
+        return _decompose(w.T if transposed else w, grams[name], input_axis, context.layers.cross_grams.get(name))
+
+    with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
+        cache.update(zip(todo, pool.map(lambda item: decompose(item[0], *item[1]), todo.items())))
+
+
 def factorize_matrix(context: PassContext, weight: gs.Constant, w: np.ndarray, record: LayerRecord,
                      input_axis: int = 0, geometry: LayerGeometry | None = None) -> MatrixFactors | None:
     """SVD of w [k, n] (the weight as the layer applies it), the rank decision, and the record.

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ._geometry import matmul_geometry
-from ._matrix import factorize_matrix, screen_weights, shared_constants
+from ._matrix import decompose_ahead, factorize_matrix, screen_weights, shared_constants
 from .base import LayerRecord, PassContext, PassResult, apply_to_nodes, new_name, output_positions, walk_graphs
 from .candidates import match
 from ._weights import read_values
@@ -26,8 +26,11 @@ DEFAULT_OPSET = 11   # a model without a default-domain opset import
 
 
 def decompose_gemm(graph: gs.Graph, context: PassContext) -> PassResult:
-    screen_weights(context, [c for g in walk_graphs(graph) for node in g.nodes if node.op == "Gemm"
-                             and (c := match(node, context.options)) is not None])
+    candidates = [c for g in walk_graphs(graph) for node in g.nodes if node.op == "Gemm"
+                  and (c := match(node, context.options)) is not None]
+    screen_weights(context, candidates)
+    decompose_ahead(context, [(c.name, c.weight, bool(c.node.attrs.get("transB", 0)), 0)
+                              for c in candidates if not c.refusal])
     return apply_to_nodes(graph, context, _rewrite)
 
 
