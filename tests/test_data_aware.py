@@ -166,3 +166,18 @@ def test_sensitivities_are_the_output_deviation_of_one_truncated_layer(calib, mo
                 tensor.CopyFrom(onnx.numpy_helper.from_array((a @ b).astype(np.float32), weight))
         deviation = relative_error(run_ort(truncated, {"x": x})[0], reference)
         assert seen["weights"][spectrum.name] == pytest.approx(deviation / spectrum.errors[rank], rel=1e-3)
+
+
+def test_a_square_transposed_gemm_is_truncated_in_its_own_orientation(calib):
+    """Gemm transB=1 stores W^T: the cached whitened SVD reads the weight again when the rewrite
+    asks for factors, and must read it transposed (a square weight would not show the mistake in
+    its shape, only in its error)."""
+    w = (RNG.standard_normal((K, K)) / np.sqrt(K)).astype(np.float32)
+    gemm = model_from_text(f"(float[B, {K}] x) => (float[B, {K}] y) {{ [fc] y = Gemm<transB = 1>(x, Wt) }}",
+                           Wt=np.ascontiguousarray(w.T))
+    optimized, report = optimize(gemm, calibration=calib, target_flops=0.5, validate=False)
+    (record,) = report.decomposed
+    x = inputs(256, seed=1)
+    measured = relative_error(run_ort(optimized, {"x": x})[0], run_ort(gemm, {"x": x})[0])
+    assert record.method == "whitened-svd"
+    assert measured == pytest.approx(record.activation_error, rel=0.1)   # a transposed read: error ~1

@@ -150,12 +150,14 @@ class WhitenedSVD:
             return self.basis[:, :rank] * root, (self.dual[:, :rank].T @ w) / safe[:, None]
 
 
-def whitened_svd(w: np.ndarray, gram: "np.ndarray | OutputGram", ridge: float = RIDGE) -> WhitenedSVD:
+def whitened_svd(w: np.ndarray, gram: "np.ndarray | OutputGram", ridge: float = RIDGE,
+                 weight: Callable[[], np.ndarray] | None = None) -> WhitenedSVD:
     """w [k, n] as applied (y = x w); gram [k, k] = X^T X of the inputs x, or for n < k their
-    OutputGram."""
+    OutputGram. `weight` reads w again when a truncation is asked for; without it the result keeps
+    w (the caller's array, in its own dtype: no float64 copy is kept)."""
     w64 = np.asarray(w, dtype=np.float64)
     k, n = w64.shape
-    weight = lambda: w   # noqa: E731 (the caller's array, in its own dtype: no float64 copy is kept)
+    weight = weight or (lambda: w)
     if isinstance(gram, OutputGram):
         if gram.shape != (n, n) or gram.inputs != k:
             raise ValueError(f"outputs' Gram {gram.shape} of {gram.inputs} inputs does not match weight {w64.shape}")

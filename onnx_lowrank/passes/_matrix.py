@@ -76,19 +76,25 @@ def decompose_ahead(context: PassContext, layers: Iterable[tuple[str, gs.Constan
 
     def decompose(name: str, weight: gs.Constant, transposed: bool, input_axis: int) -> _Decomposition:
         w = read_values(weight)
-        return _decompose(w.T if transposed else w, grams[name], input_axis, context.layers.cross_grams.get(name))
+        w = w.T if transposed else w
+        return _decompose(w, grams[name], input_axis, context.layers.cross_grams.get(name),
+                          _reader(weight, transposed, w.shape))
 
     with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
         cache.update(zip(todo, pool.map(lambda item: decompose(item[0], *item[1]), todo.items())))
 
 
 def factorize_matrix(context: PassContext, weight: gs.Constant, w: np.ndarray, record: LayerRecord,
-                     input_axis: int = 0, geometry: LayerGeometry | None = None) -> MatrixFactors | None:
+                     input_axis: int = 0, geometry: LayerGeometry | None = None,
+                     transposed: bool = False) -> MatrixFactors | None:
     """SVD of w [k, n] (the weight as the layer applies it), the rank decision, and the record.
 
     input_axis is the axis of w that the layer's input activations contract (0 for y = x w, 1 for
     y = w x). With a calibration Gram for the layer, the SVD is whitened and every error, the rank
     rule's included, is the error on the layer's output over the calibration inputs.
+
+    `transposed`: w is the stored weight transposed (a Gemm's transB), else the stored weight
+    reshaped (a 1x1 conv's [O, I, 1, 1]).
 
     With context.latency and the layer's geometry, the rule's rank is then searched on measured
     latency (rank_choice.search_ranks), and a layer that is not measurably faster stays dense.
@@ -106,14 +112,14 @@ def factorize_matrix(context: PassContext, weight: gs.Constant, w: np.ndarray, r
         record.reason = (f"a layer of MLP block {prior.layer}, which prune_mlp keeps dense" if prior.method == "nystrom"
                          else f"reads the weight of {prior.layer}, which stays dense")
         return None
-    factors = _factorize(context, weight, w, record, input_axis, geometry, prior)
+    factors = _factorize(context, weight, w, record, input_axis, geometry, prior, transposed)
     if context.state.survey is None and prior is None:
         record_choice(context, weight, name, tuple(record.rank) if factors is not None else None)
     return factors
 
 
 def _factorize(context: PassContext, weight: gs.Constant, w: np.ndarray, record: LayerRecord, input_axis: int,
-               geometry: LayerGeometry | None, prior) -> MatrixFactors | None:
+               geometry: LayerGeometry | None, prior, transposed: bool) -> MatrixFactors | None:
     k, n = w.shape
     name = record.name
     cache = context.cache if context.cache is not None else {}
@@ -126,7 +132,8 @@ def _factorize(context: PassContext, weight: gs.Constant, w: np.ndarray, record:
             record.status, record.reason = "skipped", refusal.reason
             return None
     if name not in cache:
-        cache[name] = _decompose(w, context.layers.grams.get(name), input_axis, context.layers.cross_grams.get(name))
+        cache[name] = _decompose(w, context.layers.grams.get(name), input_axis, context.layers.cross_grams.get(name),
+                                 _reader(weight, transposed, w.shape))
     decomposition = cache[name]
     decision = choose_matrix_rank(decomposition.s, k, n, context.options)
     _record_decision(record, decision, k, n)
@@ -183,7 +190,18 @@ class _Decomposition:
     data_aware: bool
 
 
-def _decompose(w: np.ndarray, gram: np.ndarray | None, input_axis: int, cross: np.ndarray | None) -> _Decomposition:
+def _reader(weight: gs.Constant, transposed: bool, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+    """The weight as the layer applies it, read again from the graph when a truncation is asked for:
+    a cache entry that held the array would hold a copy of every calibrated weight through the
+    allocation (2.3 GB on a 0.5B decoder)."""
+    def read() -> np.ndarray:
+        values = read_values(weight)
+        return values.T if transposed else values.reshape(shape)
+    return read
+
+
+def _decompose(w: np.ndarray, gram: np.ndarray | None, input_axis: int, cross: np.ndarray | None,
+               read: Callable[[], np.ndarray]) -> _Decomposition:
     if gram is None:
         u, s, vt = svd(w)
         return _Decomposition(s, lambda rank: split_factors(u, s, vt, rank), False)
@@ -191,7 +209,9 @@ def _decompose(w: np.ndarray, gram: np.ndarray | None, input_axis: int, cross: n
     applied = w if input_axis == 0 else w.T
     if cross is not None:
         applied = corrected_weight(applied, gram, cross)
-    white = whitened_svd(applied, gram)
+        white = whitened_svd(applied, gram)      # the corrected weight exists only here: kept
+    else:
+        white = whitened_svd(applied, gram, weight=read if input_axis == 0 else lambda: read().T)
     if input_axis == 0:
         return _Decomposition(white.s, white.factors, True)
 

@@ -51,7 +51,7 @@ def _rewrite(graph: gs.Graph, node: gs.Node, context: PassContext) -> LayerRecor
     w = read_values(weight)
     w = w.T if trans_b else w   # [K, N] as applied
     geometry = matmul_geometry(context, node.inputs[0], *w.shape, transposed_input=bool(trans_a))
-    factors = factorize_matrix(context, weight, w, record, geometry=geometry)
+    factors = factorize_matrix(context, weight, w, record, geometry=geometry, transposed=bool(trans_b))
     if factors is None:
         return record
     u, v = factors.first, factors.second
