@@ -151,9 +151,10 @@ def test_sensitivities_are_the_output_deviation_of_one_truncated_layer(calib, mo
     monkeypatch.setattr(allocate, "sensitivities", recording)
     optimize(MLP, calibration=calib, target_flops=0.5, validate=False)
     plan, context = seen["plan"], seen["context"]
-    x = np.load(calib)["x"][:min(plan.fit_stop, allocate.SENSITIVITY_SAMPLES)]
+    x = np.load(calib)["x"][:min(plan.fit_stop, allocate.sensitivity_samples(1.0))]
     reference = run_ort(MLP, {"x": x})[0].astype(np.float64)
-    assert set(seen["weights"]) == {"fc1", "fc2"}
+    assert set(seen["weights"]) == {"fc1", "fc2"} and allocate.sensitivity_samples(1.0) == 8
+    assert [allocate.sensitivity_samples(rows) for rows in (32, 64, 128, 512)] == [8, 4, 2, 1]
     for spectrum in seen["spectra"]:
         grid = rank_grid(spectrum, context.options.rounding_multiple)
         rank = grid[len(grid) // 2]
