@@ -134,12 +134,20 @@ class WhitenedSVD:
         """err[r] = ||X W - X W_r||_F / ||X W||_F for r = 0..len(s), on the regularised Gram."""
         return relative_error_by_rank(self.s)
 
+    def truncated(self, max_rank: int) -> "WhitenedSVD":
+        """The same, able to give truncations up to max_rank only: the basis vectors past the
+        largest rank that pays are never used (768 x 768 at break-even: half of them)."""
+        keep = lambda m: None if m is None else np.ascontiguousarray(m[:, :max_rank])  # noqa: E731
+        return WhitenedSVD(self.s, keep(self.basis), keep(self.dual), self.weight, self.method)
+
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """W ~= a [k, rank] @ b [rank, n], the truncation that is best on the calibration inputs.
 
         The singular values are split evenly in the whitened space, so both factors keep norms of
         the same order, as the plain SVD's do. A zero singular value's direction carries nothing
         (X W v = 0), so dividing by 1 there leaves the zero that is the product."""
+        if rank > self.basis.shape[1]:
+            raise ValueError(f"rank {rank} > the {self.basis.shape[1]} basis vectors kept")
         root = np.sqrt(self.s[:rank])
         safe = np.where(root > 0, root, 1.0)
         w = np.asarray(self.weight(), dtype=np.float64)

@@ -78,7 +78,7 @@ def decompose_ahead(context: PassContext, layers: Iterable[tuple[str, gs.Constan
         w = read_values(weight)
         w = w.T if transposed else w
         return _decompose(w, grams[name], input_axis, context.layers.cross_grams.get(name),
-                          _reader(weight, transposed, w.shape))
+                          _reader(weight, transposed, w.shape), context.options.min_flop_reduction)
 
     with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
         cache.update(zip(todo, pool.map(lambda item: decompose(item[0], *item[1]), todo.items())))
@@ -133,7 +133,7 @@ def _factorize(context: PassContext, weight: gs.Constant, w: np.ndarray, record:
             return None
     if name not in cache:
         cache[name] = _decompose(w, context.layers.grams.get(name), input_axis, context.layers.cross_grams.get(name),
-                                 _reader(weight, transposed, w.shape))
+                                 _reader(weight, transposed, w.shape), context.options.min_flop_reduction)
     decomposition = cache[name]
     decision = choose_matrix_rank(decomposition.s, k, n, context.options)
     _record_decision(record, decision, k, n)
@@ -201,9 +201,13 @@ def _reader(weight: gs.Constant, transposed: bool, shape: tuple[int, ...]) -> Ca
 
 
 def _decompose(w: np.ndarray, gram: np.ndarray | None, input_axis: int, cross: np.ndarray | None,
-               read: Callable[[], np.ndarray]) -> _Decomposition:
+               read: Callable[[], np.ndarray], min_flop_reduction: float) -> _Decomposition:
+    """The spectrum and the truncations of w, the vectors kept up to the largest rank that pays
+    (every rank a rule, an allocation or a back-off can give is at most that)."""
+    top = R.matrix_max_rank(*w.shape, min_flop_reduction)
     if gram is None:
         u, s, vt = svd(w)
+        u, vt = np.ascontiguousarray(u[:, :top]), np.ascontiguousarray(vt[:top])
         return _Decomposition(s, lambda rank: split_factors(u, s, vt, rank), False)
     # y = w x is x^T w^T = y^T: whiten w^T, and transpose the factors back
     applied = w if input_axis == 0 else w.T
@@ -212,6 +216,7 @@ def _decompose(w: np.ndarray, gram: np.ndarray | None, input_axis: int, cross: n
         white = whitened_svd(applied, gram)      # the corrected weight exists only here: kept
     else:
         white = whitened_svd(applied, gram, weight=read if input_axis == 0 else lambda: read().T)
+    white = white.truncated(top)
     if input_axis == 0:
         return _Decomposition(white.s, white.factors, True)
 
