@@ -175,18 +175,20 @@ class Calibration:
 
 def collect_grams(model: onnx.ModelProto, specs: list[CaptureSpec], data: CalibrationData, *,
                   start: int = 0, stop: int | None = None, provider: str = "cpu",
-                  batch_size: int = CAPTURE_BATCH, on_batch: Callable[[int], None] | None = None) -> Calibration:
+                  batch_size: int = CAPTURE_BATCH, on_batch: Callable[[int], None] | None = None,
+                  sources: dict[str, onnx.TensorProto] | None = None) -> Calibration:
     """Run `model` on samples [start, stop) of `data` and accumulate every spec's Gram matrix.
 
-    on_batch(samples in the batch) is called after each batch, for a progress bar."""
+    on_batch(samples in the batch) is called after each batch, for a progress bar. `sources`: the
+    tensors holding the bytes of `model`'s stub initializers (graph.export_graph_lazily)."""
     keys = list(dict.fromkeys(s.key for s in specs))
     grams: dict[tuple, np.ndarray] = {}
     traces: dict[tuple, float] = {}
     rows: dict[tuple, int] = {key: 0 for key in keys}
     sums: dict[tuple, tuple[np.ndarray, int]] = {}
     samples = 0
-    captures = _captures([model], specs, data, start, stop, provider, batch_size)
-    del model   # the session holds the weights from here on: a model only this call holds is freed
+    captures = _captures([model], specs, data, start, stop, provider, batch_size, sources)
+    del model, sources   # the session holds the weights from here on: a model only this call holds is freed
     for count, (values,), mask in captures:
         for key in keys:
             computed, x = _layer_rows(values[key[0]], key, mask)
@@ -234,9 +236,10 @@ def collect_cross_grams(original: onnx.ModelProto, compressed: onnx.ModelProto, 
 
 
 def _captures(models: list[onnx.ModelProto], specs: list[CaptureSpec], data: CalibrationData, start: int,
-              stop: int | None, provider: str, batch_size: int
+              stop: int | None, provider: str, batch_size: int, sources: dict[str, onnx.TensorProto] | None = None
               ) -> Iterator[tuple[int, list[dict[str, np.ndarray]], np.ndarray | None]]:
-    """Per batch: its sample count, each model's captured tensors by name, and the padding mask."""
+    """Per batch: its sample count, each model's captured tensors by name, and the padding mask.
+    `sources` holds the bytes of the first model's stub initializers."""
     config = runtime.SessionConfig(provider=provider, optimize=False, prepack=False, arena=False)
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-capture-") as folder:
         sessions = []
@@ -244,7 +247,7 @@ def _captures(models: list[onnx.ModelProto], specs: list[CaptureSpec], data: Cal
             # written from the model's own tensors: a probe holding copies would be the weights again
             shell, initializers = _capture_model(model, specs)
             path = Path(folder) / f"capture{i}.onnx"
-            write_model(shell, path, initializers=initializers)
+            write_model(shell, path, initializers=initializers, sources=sources if i == 0 else None)
             sessions.append(runtime.make_session(path, config))
     models.clear()   # nothing here needs them again (collect_grams lets its model go)
     input_names = [i.name for i in sessions[0].get_inputs()]

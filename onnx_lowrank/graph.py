@@ -84,19 +84,26 @@ def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """The exported graph inside every other field of the original model (IR version, opset
     imports, producer, metadata, functions, ...). The graph is not copied a second time: a model of
     size S peaks at about 2 S here (the original and the export), not 3 S."""
+    model, sources = export_graph_lazily(graph, original)
+    _fill_stubs(model.graph, sources)
+    return model
+
+
+def export_graph_lazily(graph: gs.Graph, original: onnx.ModelProto
+                        ) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """export_graph, with the main graph's unchanged weights left as stubs without their bytes, and
+    {name: the input's tensor} that holds them: io.write_model(model, path, sources=) streams them
+    from there, so a model that is only written (a probe, a capture model) is never a second copy
+    of the weights in memory."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     _restore_lazy(graph, original)
     originals = {name: base for base, name in duplicate_node_names(original).values()}
     with _stubbed_weights(graph) as sources:
         model = gs.export_onnx(graph, do_type_check=False)
-    for g in _all_graphs(model):   # each unchanged weight's bytes copied once, into their place
-        for tensor in g.initializer:
-            source = sources.get(tensor.name)
-            if source is not None:
-                name = tensor.name
-                tensor.CopyFrom(source)
-                tensor.name = name
+    for g in _all_graphs(model)[1:]:   # a subgraph's weights are filled now: the writer streams the main graph's
+        _fill_stubs(g, sources)
     _hoist_shared_initializers(model)
+    sources = {t.name: sources[t.name] for t in model.graph.initializer if t.name in sources}
     if originals:
         for g in _all_graphs(model):
             for node in g.node:
@@ -105,7 +112,17 @@ def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
         if descriptor.name != "graph":
             model.ClearField(descriptor.name)
     copy_fields(original, model, but="graph")
-    return model
+    return model, sources
+
+
+def _fill_stubs(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto]) -> None:
+    """Each unchanged weight's bytes copied once, into their place."""
+    for tensor in graph.initializer:
+        source = sources.get(tensor.name)
+        if source is not None:
+            name = tensor.name
+            tensor.CopyFrom(source)
+            tensor.name = name
 
 
 class _stubbed_weights:
@@ -259,7 +276,9 @@ def model_size(model: onnx.ModelProto) -> int:
 
 def tensor_stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
     """The tensor's name, type, shape and doc string, without its data."""
-    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, doc_string=tensor.doc_string)
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type)
+    if tensor.HasField("doc_string"):
+        stub.doc_string = tensor.doc_string   # an empty one set is still a field on the wire
     stub.dims.extend(tensor.dims)
     return stub
 

@@ -160,14 +160,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
 
 
 def write_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None,
-                initializers: list[onnx.TensorProto] | None = None) -> None:
+                initializers: list[onnx.TensorProto] | None = None,
+                sources: dict[str, onnx.TensorProto] | None = None) -> None:
     """Write the model to `path` as it stands (save_model's writer, not atomic by itself).
     `initializers`: the main graph's, instead of model.graph.initializer: tensors of another
-    model, written from where they are rather than copied into this one first."""
+    model, written from where they are rather than copied into this one first. `sources`: for
+    main-graph initializers that are stubs (graph.export_graph_lazily), the tensors holding their
+    bytes."""
+    sources = sources or {}
     tensors = list(model.graph.initializer) if initializers is None else initializers
-    size = model_size(model) + (0 if initializers is None else sum(map(tensor_nbytes, initializers)))
+    size = (model_size(model) + (0 if initializers is None else sum(map(tensor_nbytes, initializers)))
+            + sum(tensor_nbytes(sources[t.name]) for t in tensors if t.name in sources))
     if external_data is None:
-        external_data = size >= PROTOBUF_LIMIT or any(external_base(t) is not None for t in tensors)
+        external_data = size >= PROTOBUF_LIMIT or any(external_base(sources.get(t.name, t)) is not None
+                                                      for t in tensors)
     if not external_data and size >= PROTOBUF_LIMIT:
         raise OutputError(f"the model is {size / 2**30:.1f} GB, over the 2 GB protobuf "
                           "limit of a single .onnx file; use --external-data")
@@ -175,7 +181,7 @@ def write_model(model: onnx.ModelProto, path: Path, external_data: bool | None =
     data_file.unlink(missing_ok=True)   # a rewrite of the staged model may go inline
     try:
         with open(path, "wb") as out:
-            _write_model(model, out, data_file if external_data else None, tensors)
+            _write_model(model, out, data_file if external_data else None, tensors, sources=sources)
     except OSError as exc:
         raise OutputError(f"cannot write '{path.name}': {exc.strerror or exc}") from None
 
@@ -216,7 +222,7 @@ class staged_output:
 
 
 def _write_model(model: onnx.ModelProto, out, data_file: Path | None, initializers: list[onnx.TensorProto],
-                 threshold: int = 1024) -> None:
+                 threshold: int = 1024, sources: dict[str, onnx.TensorProto] | None = None) -> None:
     """Serialize `model` into `out`, its large initializers into `data_file` (or, when None, inline)
     from wherever they are now, memory or the input's data file.
 
@@ -238,6 +244,9 @@ def _write_model(model: onnx.ModelProto, out, data_file: Path | None, initialize
     inline = [t for t in _get_all_tensors(shell) if external_base(t) is not None]
     entries = []   # (the tensor as written: the caller's own or a stub, where its bytes come from)
     for tensor in initializers:
+        if sources and tensor.name in sources:   # a stub: its bytes are another tensor's
+            entries.append((tensor_stub(tensor), sources[tensor.name]))
+            continue
         lazy = external_base(tensor) is not None
         if lazy or (data_file is not None and tensor.HasField("raw_data") and tensor_nbytes(tensor) >= threshold):
             entries.append((tensor_stub(tensor), tensor))

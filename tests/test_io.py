@@ -96,3 +96,30 @@ def test_an_inline_save_is_byte_for_byte_what_protobuf_writes(tmp_path):
     onnx.helper.set_model_props(model, {"author": "us"})
     save_model(model, tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_a_lazily_exported_model_writes_the_same_file(tmp_path):
+    """export_graph_lazily leaves the unchanged weights as stubs and names the tensors holding
+    their bytes; written with those sources (inline and with external data) the files are the
+    ones export_graph's full model gives, and the stubs hold no bytes."""
+    from onnx_lowrank.graph import export_graph, export_graph_lazily, import_graph
+    from onnx_lowrank.io import write_model
+    w1 = np.arange(96 * 64, dtype=np.float32).reshape(96, 64) / 1000
+    w2 = np.ones((64, 8), np.float32)
+    model = model_from_text("(float[N, 96] x) => (float[N, 8] y) { h = MatMul(x, W1) y = MatMul(h, W2) }",
+                            W1=w1, W2=w2)
+    full = export_graph(import_graph(model), model)
+    lazy, sources = export_graph_lazily(import_graph(model), model)
+    assert set(sources) == {"W1", "W2"}
+    assert all(not t.HasField("raw_data") for t in lazy.graph.initializer if t.name in sources)
+    for external in (False, True):
+        for name, written in (("full", full), ("lazy", lazy)):
+            (tmp_path / f"{name}{external}").mkdir()
+            write_model(written, tmp_path / f"{name}{external}" / "m.onnx", external,
+                        sources=sources if written is lazy else None)
+        for suffix in ("", ".data") if external else ("",):
+            assert ((tmp_path / f"lazy{external}" / f"m.onnx{suffix}").read_bytes()
+                    == (tmp_path / f"full{external}" / f"m.onnx{suffix}").read_bytes())
+    x = np.ones((2, 96), np.float32)
+    np.testing.assert_array_equal(run_ort(onnx.load(str(tmp_path / "lazyTrue" / "m.onnx")), {"x": x})[0],
+                                  run_ort(model, {"x": x})[0])

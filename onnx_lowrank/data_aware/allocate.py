@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from ..calibration import layer_time_fraction, probe_deviations
 from ..errors import InferenceError
-from ..graph import export_graph
+from ..graph import export_graph_lazily
 from ..inputs import input_hints
 from ..io import write_model
 from ..passes import PassContext, PassEntry
@@ -143,13 +143,13 @@ def sensitivities(plan: DataPlan, original: onnx.ModelProto, context: PassContex
     built = _probe_model(plan, original, context)
     if built is None:
         return None
-    probe, probed, selected = built
+    (probe, sources), probed, selected = built
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-probe-") as folder:
-        # ONNX Runtime reads the probe from a file, and the model is dropped before the session
-        # holds its weights: the two together were the allocation's peak
+        # ONNX Runtime reads the probe from a file, written with the unchanged weights streamed
+        # from the input's tensors, and the model is dropped before the session holds its weights
         path = Path(folder) / "probe.onnx"
-        write_model(probe, path)
-        del probe, built
+        write_model(probe, path, sources=sources)
+        del probe, sources, built
         samples = sensitivity_samples(max(spectrum.positions for spectrum, _ in probed))
         deviations = probe_deviations(str(path), selected, len(probed), plan.data,
                                       stop=min(plan.fit_stop, samples), provider=context.options.provider)
@@ -210,7 +210,7 @@ def _probe_model(plan: DataPlan, original: onnx.ModelProto, context: PassContext
             gs.Node("If", unique_name(names, f"{spectrum.name}_probe_if"),
                     {"then_branch": truncated, "else_branch": kept}, inputs=[on], outputs=[y]),
         ])
-    return export_graph(graph, original), [(spectrum, rank) for spectrum, _, rank in probes], selector.name
+    return export_graph_lazily(graph, original), [(spectrum, rank) for spectrum, _, rank in probes], selector.name
 
 
 

@@ -28,8 +28,9 @@ def calibrate(plan: DataPlan, graph, original, context: PassContext, on_batch: C
     plan.fit_stop = plan.data.samples - (held_back_count(plan.data.samples) if checks else 0)
     # error correction and the MLP forms read the inputs' Grams themselves, not only through the SVD
     specs = capture_specs(graph, options, outputs=not options.error_correction and options.mlp_form == "svd")
-    calibration = collect_grams(plan.reference(original), specs, plan.data, stop=plan.fit_stop, provider=options.provider,
-                                on_batch=on_batch)
+    reference, sources = plan.reference_lazily(original)
+    calibration = collect_grams(reference, specs, plan.data, stop=plan.fit_stop, provider=options.provider,
+                                on_batch=on_batch, sources=sources)
     outcome = CalibrationOutcome(len(calibration.grams), calibration.samples, plan.data.samples - plan.fit_stop)
     return shared_grams(calibration.grams, specs, context), calibration.sums, calibration.positions, outcome
 

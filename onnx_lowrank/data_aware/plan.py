@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..calibration import CalibrationData, load_calibration
-from ..graph import export_graph
+from ..graph import export_graph, export_graph_lazily
 from ..passes import PassContext, PassEntry
 from ..rank_allocation import Allocation, Spectrum
 from ..report import LayerRecord, Report
@@ -60,6 +60,11 @@ class DataPlan:
         afresh for each stage that runs it, since kept it would be one more copy of the weights
         held through every stage."""
         return export_graph(self.normalized.copy(), original)
+
+    def reference_lazily(self, original: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+        """reference() for a stage that only writes it for ONNX Runtime: the unchanged weights
+        stay the input's tensors (graph.export_graph_lazily), never copied into the export."""
+        return export_graph_lazily(self.normalized.copy(), original)
 
 
 def rewrite(plan: DataPlan, original: onnx.ModelProto, context: PassContext, entries: list[PassEntry],
