@@ -135,9 +135,11 @@ class WhitenedSVD:
         return relative_error_by_rank(self.s)
 
     def truncated(self, max_rank: int) -> "WhitenedSVD":
-        """The same, able to give truncations up to max_rank only: the basis vectors past the
-        largest rank that pays are never used (768 x 768 at break-even: half of them)."""
-        keep = lambda m: None if m is None else np.ascontiguousarray(m[:, :max_rank])  # noqa: E731
+        """The same, kept to give truncations up to max_rank only, as the caches hold it: the basis
+        vectors past the largest rank that pays are never used (768 x 768 at break-even: half of
+        them), and the kept ones are stored in float32, the precision the factors are written in
+        (the singular values, which rank the truncations, stay float64)."""
+        keep = lambda m: None if m is None else np.ascontiguousarray(m[:, :max_rank], dtype=np.float32)  # noqa: E731
         return WhitenedSVD(self.s, keep(self.basis), keep(self.dual), self.weight, self.method)
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,9 +155,10 @@ class WhitenedSVD:
         w = np.asarray(self.weight(), dtype=np.float64)
         with single_threaded_blas():
             if self.dual is None:
-                v = self.basis[:, :rank]
+                v = self.basis[:, :rank].astype(np.float64)
                 return (w @ v) / safe, root[:, None] * v.T
-            return self.basis[:, :rank] * root, (self.dual[:, :rank].T @ w) / safe[:, None]
+            return (self.basis[:, :rank].astype(np.float64) * root,
+                    (self.dual[:, :rank].astype(np.float64).T @ w) / safe[:, None])
 
 
 def whitened_svd(w: np.ndarray, gram: "np.ndarray | OutputGram", ridge: float = RIDGE,
