@@ -142,7 +142,7 @@ def capture_specs(graph: gs.Graph, options: Options, patches: bool = False, outp
                 if window is None and all(d == 1 for d in kernel):
                     continue   # a strided 1x1 whose rows cannot be unfolded: weight-only
         # the layer name is the key the passes look the Gram up by
-        dtype = np.dtype(weight.values.dtype)
+        dtype = np.dtype(weight.dtype)
         output = node.outputs[0].name if outputs and _tall_product(node, candidate, dtype) else None
         specs.append(CaptureSpec(candidate.name, candidate.x.name, candidate.axis, dtype, weight.name, window, output))
     # a weight factorized once for all its readers takes one kind of Gram: its inputs' if any reader needs that

@@ -77,7 +77,7 @@ def _stand_in(graph: gs.Graph, node: gs.Node, names: set[str]) -> bool:
     weight = next((t for t in node.inputs[:2] if isinstance(t, gs.Constant)), None)
     if weight is None:
         return False
-    dtype = np.dtype(weight.values.dtype)
+    dtype = np.dtype(weight.dtype)
 
     def tensor(part: str) -> gs.Variable:
         return gs.Variable(unique_name(names, f"{y.name}_standin_{part}"), dtype=y.dtype)

@@ -174,3 +174,14 @@ def test_a_tall_layer_is_captured_at_its_outputs(tmp_path):
     by_outputs, by_inputs = whitened_svd(W2, outputs["fc2"]), whitened_svd(W2, inputs["fc2"])
     np.testing.assert_allclose(by_outputs.s, by_inputs.s, rtol=1e-5)
     np.testing.assert_allclose(np.matmul(*by_outputs.factors(5)), np.matmul(*by_inputs.factors(5)), atol=1e-4)
+
+
+def test_planning_the_captures_reads_no_weight():
+    """capture_specs needs the weights' types and shapes only: gs keeps whatever .values loads,
+    and loading them there held a second copy of a 0.5B decoder's weights (2.3 GB) to the end."""
+    import onnx_graphsurgeon as gs
+    graph = import_graph(MLP)
+    specs = capture_specs(graph, Options(), outputs=True)
+    assert [s.layer for s in specs] == ["fc1", "fc2"]
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    assert constants and all(type(t._values).__name__ == "LazyValues" for t in constants)

@@ -198,8 +198,8 @@ def _refusal(block: MLPBlock, graph: gs.Graph, options: Options, h: gs.Tensor, e
     for bias in (block.first_bias, block.second_bias):
         if bias is not None:
             constant = next(t for t in bias.inputs if isinstance(t, gs.Constant))
-            if np.dtype(constant.values.dtype) != np.dtype(block.w1.values.dtype):
-                return f"bias '{constant.name}' is {constant.values.dtype}, the weights {block.w1.values.dtype}"
+            if np.dtype(constant.values.dtype) != np.dtype(block.w1.dtype):
+                return f"bias '{constant.name}' is {constant.values.dtype}, the weights {block.w1.dtype}"
     if not (options.selects(layer_name(block.first)) and options.selects(layer_name(block.second))):
         return "excluded by --include/--exclude"
     return None
