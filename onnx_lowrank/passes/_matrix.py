@@ -31,6 +31,11 @@ class MatrixFactors:
     record: LayerRecord
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def screen_weights(context: PassContext, candidates: Iterable) -> None:
     """The Gram eigenvalues that the rank rule's screen (rank_choice.screen_matrix_rank) reads, for
     every candidate layer it will screen, computed together on all cores: the layers are
@@ -47,7 +52,7 @@ def screen_weights(context: PassContext, candidates: Iterable) -> None:
         if (candidate.refusal is None and weight.name not in context.state.energies and name not in layers.dense
                 and name not in layers.grams and name not in layers.ranks and prior_choice(context, weight) is None):
             todo[weight.name] = weight
-    workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = min(len(todo), _cores())
     if workers < 2:
         return   # the screen computes them itself, as it goes
 
@@ -70,15 +75,14 @@ def decompose_ahead(context: PassContext, layers: Iterable[tuple[str, gs.Constan
     todo = {name: job for name, *job in layers   # a prior choice (prune_mlp's, a shared weight's) needs none
             if name in grams and name not in cache and name not in context.layers.dense
             and prior_choice(context, job[0]) is None}
-    workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = min(len(todo), _cores())
     if workers < 2:
         return
 
     def decompose(name: str, weight: gs.Constant, transposed: bool, input_axis: int) -> _Decomposition:
-        w = read_values(weight)
-        w = w.T if transposed else w
-        return _decompose(w, grams[name], input_axis, context.layers.cross_grams.get(name),
-                          _reader(weight, transposed, w.shape), context.options.min_flop_reduction)
+        read = _reader(weight, transposed, tuple(weight.shape))
+        return _decompose(read(), grams[name], input_axis, context.layers.cross_grams.get(name), read,
+                          context.options.min_flop_reduction)
 
     with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
         cache.update(zip(todo, pool.map(lambda item: decompose(item[0], *item[1]), todo.items())))
