@@ -262,12 +262,29 @@ def test_a_non_elementwise_op_between_is_no_block(calib):
     assert records == []
 
 
-def test_refused_with_a_per_neuron_constant_between():
+def test_a_per_neuron_constant_between_is_sliced_with_the_neurons(calib):
+    """Max(a, floor) with one floor per neuron acts on each neuron alone: the pruned block keeps
+    the kept neurons' floors, and (the floors repeating like the neurons) reproduces the block."""
+    floor = RNG.standard_normal(D).astype(np.float32) / 4
+    floor[D // 2:] = floor[:D // 2]
+    model = mlp_model("Relu", middle=helper.make_node("Max", ["a0", "floor"], ["a"]),
+                      extra_inits=[numpy_helper.from_array(floor, "floor")])
+    assert block_of(model).refusal is None
+    optimized, _, records = pass_records(model, "prune_mlp", calibration=calib, mlp_form="nystrom", rank_ratio=0.5,
+                                         max_error="none", measure=False)
+    assert [r.status for r in records] == ["decomposed", "decomposed"], [r.reason for r in records]
+    assert {t.name: list(t.dims) for t in optimized.graph.initializer}["floor_pruned"] == [16]
+    assert max(output_errors(model, optimized, {"N": 64})) < EXACT_F32
+
+
+def test_refused_with_a_per_neuron_constant_in_a_constant_node():
     floor = numpy_helper.from_array(np.ones(D, np.float32), "floor")
-    middle = helper.make_node("Max", ["a0", "floor"], ["a"])
-    reason = refusal(mlp_model("Relu", middle=middle, extra_inits=[floor]))
-    assert reason == "Max '' between the MatMuls reads constant 'floor' of shape [32]: only scalar constants act on " \
-                     "each neuron alone"
+    model = mlp_model("Relu", middle=helper.make_node("Max", ["a0", "floor"], ["a"]), extra_inits=[floor])
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "floor"))
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["floor"], value=floor))
+    reason = refusal(model)
+    assert reason == "Max '' between the layers reads the per-neuron constant 'floor' from a Constant node, which " \
+                     "pruning cannot slice"
 
 
 def test_refused_when_a_weight_is_shared():
@@ -282,13 +299,13 @@ def test_refused_when_excluded():
 
 
 def test_refusal_reaches_the_report(calib):
-    # a per-neuron Max (fold_batchnorm would fold a per-neuron Mul into W2 first)
-    floor = numpy_helper.from_array(np.ones(D, np.float32), "floor")
-    model = mlp_model("Relu", middle=helper.make_node("Max", ["a0", "floor"], ["a"]), extra_inits=[floor])
+    node = helper.make_node("MatMul", ["x", "W1"], ["side"], name="other")
+    extra = helper.make_tensor_value_info("side", TensorProto.FLOAT, ["N", D])
+    model = mlp_model("Relu", extra_nodes=[node], extra_outputs=[extra])
     _, report, records = pass_records(model, "prune_mlp", calibration=calib, mlp_form="nystrom", rank_ratio=0.5,
                                       max_error="none", measure=False)
     assert [r.status for r in records] == ["skipped", "skipped"]
-    assert "of shape [32]" in records[0].reason
+    assert "is read by 2 nodes" in records[0].reason
 
 
 def test_nystrom_needs_calibration():

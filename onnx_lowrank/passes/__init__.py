@@ -37,7 +37,7 @@ PIPELINE: list[PassEntry] = [
     PassEntry(fuse_parallel.NAME, fuse_parallel.fuse_parallel, "normalize"),
     PassEntry(merge_linear.NAME, merge_linear.merge_linear, "normalize"),
     # before the per-layer passes: a block it shrinks or keeps whole is left dense by them
-    PassEntry(prune_mlp.NAME, prune_mlp.prune_mlp, "decompose", lambda o: o.mlp_form != "svd" and "matmul" in o.ops),
+    PassEntry(prune_mlp.NAME, prune_mlp.prune_mlp, "decompose", lambda o: o.mlp_form != "svd" and ("matmul" in o.ops or "conv" in o.ops)),
     PassEntry(decompose_matmul.NAME, decompose_matmul.decompose_matmul, "decompose", lambda o: "matmul" in o.ops),
     PassEntry(decompose_gemm.NAME, decompose_gemm.decompose_gemm, "decompose", lambda o: "gemm" in o.ops),
     PassEntry(decompose_conv.NAME, decompose_conv.decompose_conv, "decompose", lambda o: "conv" in o.ops),
