@@ -79,7 +79,8 @@ def add_parser(sub) -> None:
     mlp = p.add_argument_group("MLP blocks (MatMul -> activation -> MatMul)")
     mlp.add_argument("--mlp-form", default="svd", choices=MLP_FORMS,
                      help="svd: each MatMul by its own SVD; nystrom: keep k of the block's neurons and refit the "
-                          "second matrix on the calibration activations (two smaller dense MatMuls, no extra "
+                          "second matrix on the calibration activations (two smaller dense MatMuls or a Conv -> 1x1 "
+                          "Conv pair on k channels, no extra "
                           "node); auto: per block, whichever the allocation predicts less error for at the same "
                           "MACs (nystrom and auto need --calibration; default svd)")
     mlp.add_argument("--mlp-selection", default="greedy", choices=MLP_SELECTIONS,
