@@ -324,18 +324,14 @@ def _values(t: gs.Tensor) -> np.ndarray | None:
 def _constant_shape(t: gs.Tensor) -> list[int] | None:
     """The shape of a constant: an initializer, a Constant node's output (as exporters write
     the scalars of a decomposed Gelu), or a reshaped constant; None for a computed tensor."""
-    if isinstance(t, gs.Constant):
-        return list(t.values.shape)
-    reshaped = reshaped_constant(t)
-    if reshaped is not None:
-        return list(reshaped.shape)
+    values = _values(t)
+    if values is None:
+        values = reshaped_constant(t)
+    if values is not None:
+        return list(values.shape)
     producer = t.inputs[0] if len(t.inputs) == 1 else None
-    if producer is None or producer.op != "Constant" or producer.domain not in (None, "", "ai.onnx"):
-        return None
-    value = producer.attrs.get("value")
-    if value is not None:
-        return list(np.asarray(value.values if isinstance(value, gs.Constant) else value).shape)
-    if any(key in producer.attrs for key in ("value_float", "value_int")):
+    if producer is not None and producer.op == "Constant" and producer.domain in _ONNX and any(
+            key in producer.attrs for key in ("value_float", "value_int")):
         return []
     return None
 
