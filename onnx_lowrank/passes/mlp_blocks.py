@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..numerics.conv_attrs import ConvAttrs, conv_attrs
 from ..options import Options
 from .base import constant_weight, layer_name, weight_type_problem
 
@@ -133,53 +134,44 @@ def match_block(node: gs.Node, graph: gs.Graph, options: Options) -> MLPBlock | 
         second_bias = None
     else:
         second_bias = _after_bias(second.outputs[0], w2.shape[1])[1]
-    stride = math.prod(_strides(n) for n in depthwise)
+    stride = math.prod(_attrs(n).stride for n in depthwise)
     block = MLPBlock(node, second, w1, w2, hidden, _describe(region), first_bias, second_bias, nodes,
                      conv=conv, slices=slices, depthwise=depthwise, stride=stride)
     refusal = problem or _refusal(block, graph, options, h, exits)
     return block if refusal is None else replace(block, refusal=refusal)
 
 
-def _first_conv_weight(node: gs.Node, options: Options) -> gs.Constant | None:
-    """A group-1 conv's constant weight [d, c_in, k...] with its input computed and its bias (if
-    any) a constant, where --ops takes convs."""
-    if "conv" not in options.ops or node.domain not in _ONNX or len(node.outputs) != 1:
-        return None
-    if isinstance(node.inputs[0], gs.Constant) or int(node.attrs.get("group", 1)) != 1:
+def _conv_weight(node: gs.Node) -> gs.Constant | None:
+    """A group-1 ONNX Conv's constant weight [d, c_in, k...], where its bias (if any) is a constant."""
+    if node.op != "Conv" or node.domain not in _ONNX or len(node.outputs) != 1:
         return None
     weight = constant_weight(node, 1)
-    if weight is None or len(weight.shape) < 3:
+    if weight is None or len(weight.shape) < 3 or _attrs(node).group != 1:
         return None
     if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
         return None
     return weight
 
 
-def _pointwise_conv(node: gs.Node) -> bool:
-    """A 1x1, stride-1, unpadded, group-1 conv with a constant weight (and bias): a matrix on the
-    channels."""
-    if node.op != "Conv" or node.domain not in _ONNX or int(node.attrs.get("group", 1)) != 1:
-        return False
-    weight = constant_weight(node, 1)
-    if weight is None or len(weight.shape) < 3 or any(k != 1 for k in weight.shape[2:]):
-        return False
-    if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
-        return False
-    return (all(int(v) == 1 for v in node.attrs.get("strides", [1]))
-            and all(int(v) == 0 for v in node.attrs.get("pads", [0]))
-            and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID", b"NOTSET", b"VALID"))
+def _first_conv_weight(node: gs.Node, options: Options) -> gs.Constant | None:
+    """The first layer of a conv block: any group-1 conv on a computed input, where --ops takes convs."""
+    if "conv" not in options.ops or isinstance(node.inputs[0], gs.Constant):
+        return None
+    return _conv_weight(node)
 
 
 def _reader_conv(exits: list[gs.Tensor]) -> gs.Node | None:
+    """The second conv: a pointwise (1x1, stride-1, unpadded) group-1 reader of the region's exits,
+    a matrix on the channels."""
     for tensor in exits:
         for reader in tensor.outputs:
-            if _pointwise_conv(reader) and reader.inputs[0] is tensor:
+            if _conv_weight(reader) is not None and _attrs(reader).pointwise and reader.inputs[0] is tensor:
                 return reader
     return None
 
 
-def _strides(node: gs.Node) -> int:
-    return math.prod(int(v) for v in node.attrs.get("strides", [1]))
+def _attrs(node: gs.Node) -> ConvAttrs:
+    return conv_attrs(node.attrs, node.inputs[1].shape[2:] if len(node.inputs) > 1 and node.inputs[1].shape else None)
 
 
 def _right_weight(node: gs.Node) -> gs.Constant | None:
@@ -209,7 +201,7 @@ def _elementwise_region(h: gs.Tensor, graph: gs.Graph, conv: bool = False
     region, inside, exits = [], {h.name}, []
     seen: set[int] = set()
     pending = [h]
-    within = (lambda n: _per_channel(n)) if conv else _elementwise
+    within = _per_channel if conv else _elementwise
     while pending:
         tensor = pending.pop(0)
         if any(not within(n) for n in tensor.outputs) or any(tensor is o for o in graph.outputs):
@@ -357,7 +349,7 @@ def _per_channel(node: gs.Node) -> bool:
         weight = constant_weight(node, 1)
         bias_ok = len(node.inputs) < 3 or isinstance(node.inputs[2], gs.Constant)
         return (weight is not None and len(weight.shape) >= 3 and weight.shape[1] == 1 and bias_ok
-                and int(node.attrs.get("group", 1)) == weight.shape[0] > 1)
+                and _attrs(node).group == weight.shape[0] > 1)
     return False
 
 
