@@ -4,7 +4,10 @@ minilm_export.py. Runs in the torch venv:
 
     HF_HUB_OFFLINE=1 /tmp/vtorch/bin/python benchmarks/minilm_other_domain.py benchmarks/.cache
 
-Writes other.npz (input_ids, attention_mask int64 [256, SEQ_LEN]).
+Writes other.npz (input_ids, attention_mask int64 [256, SEQ_LEN]), and mixed.npz: a calibration
+set of 64 of the templated calibration texts and 64 docstring paragraphs of *other* modules
+(CALIBRATION_MODULES, disjoint from MODULES), the set a user who calibrates on texts like the ones
+they serve would have.
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ MODULES = ("json", "argparse", "collections", "pathlib", "shutil", "subprocess",
            "statistics", "random", "tarfile", "zipfile", "csv", "sqlite3", "socket", "ssl", "heapq", "bisect",
            "functools", "itertools", "textwrap", "difflib", "pickle", "copy", "typing", "inspect", "dataclasses")
 COUNT = 256
+CALIBRATION_MODULES = ("os", "re", "string", "io", "struct", "enum", "abc", "contextlib", "operator",
+                       "weakref", "queue", "sched", "selectors", "signal", "mmap", "codecs", "unicodedata",
+                       "locale", "gettext", "calendar", "time", "math", "cmath", "numbers", "array",
+                       "pprint", "reprlib", "traceback", "warnings", "tempfile", "glob", "fnmatch", "filecmp")
 
 
-def docstring_texts(count: int = COUNT) -> list[str]:
+def docstring_texts(count: int = COUNT, modules: tuple[str, ...] = MODULES) -> list[str]:
     texts, seen = [], set()
-    for module_name in MODULES:
+    for module_name in modules:
         module = importlib.import_module(module_name)
         for _, member in sorted(vars(module).items()):
             doc = inspect.getdoc(member) if callable(member) else None
@@ -57,6 +64,14 @@ def main(out_dir: str) -> None:
     np.savez(target, input_ids=tokens["input_ids"].astype(np.int64),
              attention_mask=tokens["attention_mask"].astype(np.int64))
     print(f"wrote {target}: {len(texts)} docstring paragraphs")
+
+    from minilm_corpus import calibration_texts
+    mixed = calibration_texts()[:64] + docstring_texts(64, CALIBRATION_MODULES)
+    tokens = tokenizer(mixed, padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="np")
+    target = Path(out_dir) / "mixed.npz"
+    np.savez(target, input_ids=tokens["input_ids"].astype(np.int64),
+             attention_mask=tokens["attention_mask"].astype(np.int64))
+    print(f"wrote {target}: 64 templated calibration texts + 64 docstring paragraphs of other modules")
 
 
 if __name__ == "__main__":

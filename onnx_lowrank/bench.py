@@ -35,7 +35,7 @@ import onnx
 
 from . import profiling, runtime
 from .inputs import DEFAULT_INT_RANGE, InputHint
-from .report import BenchResult, LatencyStats
+from .report import BaselineSpeed, BenchResult, LatencyStats
 
 Runner = Callable[[], Any]
 
@@ -124,10 +124,14 @@ def median_ci(values: np.ndarray) -> tuple[float, float]:
     return float(x[max(math.floor(len(x) / 2 - half), 0)]), float(x[min(math.ceil(len(x) / 2 + half), len(x) - 1)])
 
 
-def _precise(plan: TimingPlan) -> Callable[[list[np.ndarray]], bool]:
+def _precise(plan: TimingPlan, pairs: Sequence[tuple[int, int]] = ((0, 1),)) -> Callable[[list[np.ndarray]], bool]:
+    """Timing is settled when each pair's ratio is known to +-precision."""
     def settled(latencies: list[np.ndarray]) -> bool:
-        median, _, _, low, high = speedup(*latencies)
-        return (high - low) / 2 <= plan.precision * median
+        for a, b in pairs:
+            median, _, _, low, high = speedup(latencies[a], latencies[b])
+            if (high - low) / 2 > plan.precision * median:
+                return False
+        return True
     return settled
 
 
@@ -136,18 +140,24 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
           shapes: dict[str, list[int]] | None = None, batch: int = 1, seed: int = 0,
           int_range: tuple[int, int] = DEFAULT_INT_RANGE, plan: TimingPlan = TimingPlan(),
           profile: bool = False, feeds: dict[str, np.ndarray] | None = None,
-          hints: dict[str, InputHint] | None = None) -> BenchResult:
+          hints: dict[str, InputHint] | None = None,
+          baseline: tuple[str, str, onnx.ModelProto] | None = None) -> BenchResult:
     """Time one model, or two interleaved on the same inputs: speedup = latency(A) / latency(B).
 
     Inputs: `feeds` if given, else the first sample of the .npz file `inputs`, else generated from
     A's input signature (dynamic dims: first axis `batch`, others 16, overridden by `shapes`).
+    `baseline` (label, how it was made, model): a third model timed in the same interleaved blocks,
+    what a user would deploy instead; the result gives A's and B's speed against it.
     """
     if len(models) not in (1, 2):
         raise ValueError(f"bench times one model or two against each other, got {len(models)}")
     config = config or runtime.SessionConfig()
+    labels = list(labels or [_label(m, i) for i, m in enumerate(models)])
+    if baseline is not None:
+        labels.append(baseline[0])
+        models = [*models, baseline[2]]
     if len(models) > 1:
         config = replace(config, spinning=False)
-    labels = list(labels or [_label(m, i) for i, m in enumerate(models)])
     sessions = [runtime.make_session(model, config) for model in models]
     if feeds is None:
         samples, notes = runtime.model_inputs(sessions[0], inputs=inputs, shapes=shapes, batch=batch, seed=seed,
@@ -159,7 +169,8 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
         notes = []
     runners = [runtime.runner(session, feeds) for session in sessions]
 
-    latencies, counts = time_interleaved(runners, plan, settled=_precise(plan) if len(runners) == 2 else None)
+    pairs = [(0, 1)] + ([(len(models) - 1, 1)] if baseline is not None and len(models) == 3 else [])
+    latencies, counts = time_interleaved(runners, plan, settled=_precise(plan, pairs) if len(runners) > 1 else None)
     items = _leading_dim(feeds)
     result = BenchResult(
         provider=config.describe(), input_shapes={k: list(np.shape(v)) for k, v in feeds.items()},
@@ -171,23 +182,44 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
                   "warmup_ms": plan.warmup_s * 1e3, "profile_runs": plan.profile_runs if profile else None,
                   "throughput_unit": f"samples/s (leading dim {items})"},
         notes=notes)
-    if len(models) == 2:
+    timed_pair = len(models) == 3 or (len(models) == 2 and baseline is None)
+    if timed_pair:
         (result.speedup, result.speedup_p10, result.speedup_p90,
-         result.speedup_ci_low, result.speedup_ci_high) = speedup(*latencies)
+         result.speedup_ci_low, result.speedup_ci_high) = speedup(latencies[0], latencies[1])
         if not _precise(plan)(latencies):
             notes.append(f"the A/B ratio varied between blocks: after {len(latencies[0])} blocks the speedup is "
                          f"known only to {result.speedup_ci_low:.3f}x-{result.speedup_ci_high:.3f}x (95%), not "
                          f"+-{plan.precision:.0%}{_busy()}")
+    if baseline is not None:
+        result.baseline = BaselineSpeed(label=baseline[0], how=baseline[1],
+                                        over_a=speedup(latencies[0], latencies[-1])[0])
+        if timed_pair:
+            b_over, _, _, low, high = speedup(latencies[-1], latencies[1])
+            result.baseline.b_over, result.baseline.b_over_ci_low, result.baseline.b_over_ci_high = b_over, low, high
     if config.provider != "cpu":
         notes.append("latency includes copying inputs to the device and outputs back")
     if profile:
-        result.profile = profiling.join(_profile(models, config, feeds, plan.profile_runs))
+        compared = models[:-1] if baseline is not None else models
+        result.profile = profiling.join(_profile(compared, config, feeds, plan.profile_runs))
         if config.provider == "tensorrt":
             notes.append("profile: TensorRT runs each subgraph it takes as one engine node, which cannot be "
                          "split into layers")
         elif config.provider == "cuda":
             notes.append("profile: CUDA kernels run asynchronously; per-layer times are ORT's host-side figures")
     return result
+
+
+def int8_baseline(path: str, inputs: str | None) -> tuple[str, str, onnx.ModelProto]:
+    """("int8 alone", how, model): A quantized as `optimize --quantize int8` would quantize it, its
+    activations calibrated on the --inputs samples where it takes static QDQ."""
+    from .io import load_model
+    from .quantize import quantize_int8
+
+    samples = None
+    if inputs:
+        samples, _ = runtime.model_inputs(runtime.make_session(path, runtime.SessionConfig()), inputs=inputs)
+    model, how = quantize_int8(load_model(path), samples)
+    return "int8 alone", how, model
 
 
 def _profile(models: Sequence[onnx.ModelProto | str], config: runtime.SessionConfig, feeds: dict[str, Any],

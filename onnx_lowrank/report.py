@@ -124,6 +124,19 @@ class LayerTime:
 
 
 @dataclass
+class BaselineSpeed:
+    """A third model timed in the same interleaved run as A and B: what a user would deploy instead
+    (`bench --int8-baseline`: ONNX Runtime's int8 of A). Ratios are medians over blocks."""
+
+    label: str                     # e.g. "int8 alone"
+    how: str                       # how it was made ("dynamic int8 (MatMul, Gemm weights; ...)")
+    over_a: float                  # latency(A) / latency(baseline)
+    b_over: float | None = None    # latency(baseline) / latency(B): > 1, B beats the baseline
+    b_over_ci_low: float | None = None
+    b_over_ci_high: float | None = None
+
+
+@dataclass
 class BenchResult:
     provider: str              # e.g. "cpu, ORT default threads"
     input_shapes: dict[str, list[int]]
@@ -135,6 +148,7 @@ class BenchResult:
     speedup_ci_high: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     profile: list[LayerTime] | None = None
+    baseline: BaselineSpeed | None = None   # models[-1] when set
     notes: list[str] = field(default_factory=list)
 
 

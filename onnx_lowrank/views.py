@@ -163,7 +163,11 @@ def bench_table(result: BenchResult) -> str:
             f"intra-op spinning {'on' if s.get('intra_op_spinning') else 'off'})\n"
             f"{s.get('blocks')} blocks of ~{s.get('block_ms', 0):.0f} ms per model"
             + (", interleaved A B / B A" if s.get("interleaved") else ""))
-    rows = [[("AB"[i] + "  " if len(result.models) == 2 else "") + m.model, f"{m.median_ms:.3f} ms",
+    compared = len(result.models) - (result.baseline is not None)
+    tags = ["A  ", "B  "][:compared] if len(result.models) > 1 else [""]
+    if result.baseline is not None:
+        tags.append("-  ")
+    rows = [[tags[i] + m.model, f"{m.median_ms:.3f} ms",
              f"{m.p10_ms:.3f} ms", f"{m.p90_ms:.3f} ms", str(m.runs_per_block), human_count(round(m.throughput))]
             for i, m in enumerate(result.models)]
     body = table(["model", "median", "p10", "p90", "runs/block", "samples/s"], rows, "lrrrrr")
@@ -172,6 +176,11 @@ def bench_table(result: BenchResult) -> str:
         lines.append(f"speedup A/B {result.speedup:.3f}x (95% CI {result.speedup_ci_low:.3f}x-"
                      f"{result.speedup_ci_high:.3f}x; per block pair p10 {result.speedup_p10:.3f}x, "
                      f"p90 {result.speedup_p90:.3f}x)")
+    if result.baseline is not None:
+        b = result.baseline
+        lines.append(f"{b.label} ({b.how}): {b.over_a:.3f}x over A"
+                     + (f"; B over {b.label} {b.b_over:.3f}x (95% CI {b.b_over_ci_low:.3f}x-{b.b_over_ci_high:.3f}x)"
+                        if b.b_over is not None else ""))
     if result.profile is not None:
         lines.append(profile_table(result))
     lines.extend(result.notes)
@@ -180,7 +189,7 @@ def bench_table(result: BenchResult) -> str:
 
 def profile_table(result: BenchResult, limit: int = 15) -> str:
     """Kernel time per original layer; rows beyond `limit` are summed into one."""
-    pair = len(result.models) == 2
+    pair = len(result.models) - (result.baseline is not None) == 2
     names = ["A ms", "B ms"] if pair else ["ms"]
 
     def ms(value: float | None) -> str:

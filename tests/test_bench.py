@@ -14,7 +14,7 @@ import pytest
 
 from models.synthetic import conv_model, mlp_model
 from onnx_lowrank import optimize, save_model
-from onnx_lowrank.bench import TimingPlan, bench, latency_stats, median_ci, speedup, time_interleaved
+from onnx_lowrank.bench import TimingPlan, bench, int8_baseline, latency_stats, median_ci, speedup, time_interleaved
 from onnx_lowrank.cli import main
 from onnx_lowrank.errors import OptionError
 from onnx_lowrank.profiling import LayerNames, join, kernel_times, layer_profile
@@ -135,6 +135,37 @@ def test_cli_json_has_every_figure_and_speedup(mlp_pair, tmp_path, capsys):
     assert {"speedup", "speedup_p10", "speedup_p90", "models", "settings", "input_shapes"} <= set(data)
     assert {"median_ms", "p10_ms", "p90_ms", "throughput", "runs_per_block"} <= set(data["models"][0])
     assert "speedup A/B" in capsys.readouterr().out
+
+
+def test_int8_baseline_ratios_come_from_the_same_blocks(mlp_pair, monkeypatch):
+    """A 2 ms, B 1 ms, int8 of A 1.5 ms in every block: B is 2x A and 1.5x the int8 baseline."""
+    import onnx_lowrank.bench as engine
+    times = [np.full(4, 2e-3), np.full(4, 1e-3), np.full(4, 1.5e-3)]
+    monkeypatch.setattr(engine, "time_interleaved", lambda runners, plan, settled=None: (times[:len(runners)],
+                                                                                         [1] * len(runners)))
+    result = bench(list(mlp_pair), batch=8, plan=QUICK, baseline=int8_baseline(mlp_pair[0], None))
+    assert [m.model for m in result.models] == [*mlp_pair, "int8 alone"]
+    assert result.speedup == pytest.approx(2.0)
+    assert result.baseline.over_a == pytest.approx(2 / 1.5) and result.baseline.b_over == pytest.approx(1.5)
+    assert result.baseline.how.startswith("dynamic int8") and result.settings["intra_op_spinning"] is False
+    alone = bench([mlp_pair[0]], batch=8, plan=QUICK, baseline=int8_baseline(mlp_pair[0], None))
+    assert alone.speedup is None and alone.baseline.over_a == pytest.approx(2 / 1.0) and alone.baseline.b_over is None
+
+
+def test_cli_int8_baseline_row_and_json(mlp_pair, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", *mlp_pair, "--batch", "8", "--int8-baseline", "--json", str(path), *QUICK_FLAGS]) == 0
+    out = capsys.readouterr().out
+    assert "-  int8 alone" in out and "B over int8 alone" in out and "speedup A/B" in out
+    data = json.loads(path.read_text())
+    assert data["baseline"]["label"] == "int8 alone" and data["baseline"]["b_over"] > 0
+    assert [m["model"] for m in data["models"]] == [*mlp_pair, "int8 alone"]
+
+
+def test_int8_baseline_of_a_cnn_is_static_qdq_on_the_inputs():
+    models = Path(__file__).resolve().parents[1] / "models"
+    label, how, quantized = int8_baseline(str(models / "cnn_digits.onnx"), str(models / "digits_calib.npz"))
+    assert how.startswith("static QDQ") and "QuantizeLinear" in {n.op_type for n in quantized.graph.node}
 
 
 def test_inputs_file_gives_the_shapes_and_the_throughput_unit(capsys):

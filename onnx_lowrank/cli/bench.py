@@ -31,6 +31,10 @@ def add_parser(sub) -> None:
                    help="warm-up per model: at least 3 runs and MS milliseconds (default 200)")
     t.add_argument("--profile", action="store_true",
                    help="also run ORT's profiler and show kernel time per original layer (factorized nodes summed)")
+    t.add_argument("--int8-baseline", action="store_true",
+                   help="also time ONNX Runtime's int8 quantization of A (what a user would deploy instead; static "
+                        "QDQ calibrated on --inputs for a model with Conv, else dynamic int8 MatMul/Gemm weights) in "
+                        "the same interleaved blocks, and give B's speedup over it")
     gate = p.add_argument_group("output and gates")
     gate.add_argument("--json", metavar="FILE", help="write every figure as JSON (the A/B ratio under 'speedup')")
     gate.add_argument("--min-speedup", type=float_arg, metavar="S", help="exit 1 if the speedup A/B is below S")
@@ -38,7 +42,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import TimingPlan, bench
+    from ..bench import TimingPlan, bench, int8_baseline
     from ..errors import OptionError
     from ..report import to_json
     from ..views import bench_table
@@ -54,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     plan = TimingPlan(blocks=args.blocks, max_blocks=args.max_blocks or 4 * args.blocks, block_s=args.block_ms / 1e3,
                       warmup_s=args.warmup_ms / 1e3)
     result = bench(models, config=session_config(args, threads=args.threads), plan=plan, profile=args.profile,
+                   baseline=int8_baseline(args.a, args.inputs) if args.int8_baseline else None,
                    **input_options(args, models[0]))
     print(bench_table(result))
     if args.json:
