@@ -5,6 +5,9 @@
     # the other rows, then every model timed interleaved against the original in one process
     .venv/bin/python benchmarks/minilm_front.py build
     .venv/bin/python benchmarks/minilm_front.py time [--blocks 40] [--plot benchmarks/minilm_front.png]
+    # the same rows calibrated on mixed.npz (minilm_other_domain.py: 64 templated texts + 64
+    # docstrings of other modules than the evaluation's), into benchmarks/.cache/front-mixed/
+    .venv/bin/python benchmarks/minilm_front.py build --refine --calibration mixed
 
 Rows (each built once into benchmarks/.cache/front/, a rerun only times them):
 - int8 alone: ORT's dynamic int8 of the original, as onnx_lowrank.quantize.quantize_int8 does it;
@@ -45,17 +48,23 @@ from onnx_lowrank.quantize import quantize_int8  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 FRONT = CACHE / "front"
-COMMON = dict(calibration=str(CACHE / "calib.npz"), target_speedup=1.3, max_error="none")
 
-# label, file, how it is built: ("int8", source file or None for the original) or ("optimize", kwargs)
-ROWS = [
-    ("int8 alone (ORT dynamic)", "int8.onnx", ("int8", None)),
-    ("whitened SVD + allocation", "svd_alloc.onnx", ("optimize", dict(COMMON))),
-    ("+ MLP form (auto)", "mlp.onnx", ("optimize", dict(COMMON, mlp_form="auto"))),
-    ("+ MLP form + int8", "mlp_int8.onnx", ("optimize", dict(COMMON, mlp_form="auto", quantize="int8"))),
-    ("+ --refine (fp32)", "refine.onnx", ("optimize", dict(COMMON, mlp_form="auto", refine=True))),
-    ("+ --refine + int8", "refine_int8.onnx", ("int8", "refine.onnx")),
-]
+
+def rows(calibration: str) -> list:
+    """label, file, how it is built: ("int8", source file or None for the original) or ("optimize", kwargs)."""
+    common = dict(calibration=str(CACHE / f"{calibration}.npz"), target_speedup=1.3, max_error="none")
+    return [
+        ("int8 alone (ORT dynamic)", "int8.onnx", ("int8", None)),
+        ("weight SVD + allocation", "weight_svd.onnx", ("optimize", dict(target_flops=0.72, max_error="none"))),
+        ("whitened SVD + allocation", "svd_alloc.onnx", ("optimize", dict(common))),
+        ("+ MLP form (auto)", "mlp.onnx", ("optimize", dict(common, mlp_form="auto"))),
+        ("+ MLP form + int8", "mlp_int8.onnx", ("optimize", dict(common, mlp_form="auto", quantize="int8"))),
+        ("+ --refine (fp32)", "refine.onnx", ("optimize", dict(common, mlp_form="auto", refine=True))),
+        ("+ --refine + int8", "refine_int8.onnx", ("int8", "refine.onnx")),
+    ]
+
+
+ROWS = rows("calib")
 
 
 def build(refine: bool) -> None:
@@ -64,9 +73,9 @@ def build(refine: bool) -> None:
     for label, name, (kind, how) in ROWS:
         target = FRONT / name
         wants_refine = name.startswith("refine")
-        if target.is_file() or wants_refine != refine:
+        if target.is_file() or (wants_refine and not refine):
             continue
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         if kind == "int8":
             source = original if how is None else onnx.load(str(FRONT / how))
             model, note = quantize_int8(source)
@@ -76,7 +85,8 @@ def build(refine: bool) -> None:
                              if n.startswith(("rank allocation", "target speedup", "refinement", "--quantize",
                                               "mlp", "MLP")))
         onnx.save(model, str(target))
-        print(f"built {label} -> {target.name} in {time.perf_counter() - began:.0f} s "
+        print(f"built {label} -> {target.name} in {time.perf_counter() - began:.0f} s wall, "
+              f"{time.process_time() - cpu:.0f} s CPU "
               f"(load {os.getloadavg()[0]:.1f}): {note}", flush=True)
 
 
@@ -166,10 +176,15 @@ def pareto(table, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["build", "time"])
-    parser.add_argument("--refine", action="store_true", help="build: the --refine rows (needs torch)")
+    parser.add_argument("--refine", action="store_true", help="build: the --refine rows too (needs torch)")
     parser.add_argument("--blocks", type=int, default=40)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--calibration", default="calib", choices=["calib", "mixed"],
+                        help="calib.npz (templated texts) or mixed.npz; the rows go to front/ or front-mixed/")
     args = parser.parse_args()
+    global FRONT, ROWS
+    if args.calibration != "calib":
+        FRONT, ROWS = CACHE / f"front-{args.calibration}", rows(args.calibration)
     if args.step == "build":
         build(args.refine)
     else:

@@ -55,6 +55,10 @@ class Options:
     min_layer_speedup: float = 1.05      # measured dense / factorized latency a layer must reach
     # data-aware path: calibration samples (.npz or a directory of them), and one global target
     calibration: str | None = None
+    # with calibration, a model whose integer inputs index an embedding table (token ids): per
+    # calibration sample, this many synthetic sequences of ids drawn uniformly from the table join
+    # the Gram matrices (synthetic.py), so the truncation keeps what texts of other domains use
+    synthetic_tokens: int = 1
     target_flops: float | None = None    # MACs of the candidate layers, as a fraction of their dense MACs
     target_params: float | None = None   # parameters of the candidate layers, likewise
     target_speedup: float | None = None  # whole-model speedup: Amdahl on the profiled layer share, then timed
@@ -124,6 +128,8 @@ class Options:
         _check(self.mlp_form == "svd" or self.calibration is not None,
                f"--mlp-form {self.mlp_form} refits each block's second matrix on calibration samples: "
                "it needs --calibration")
+        _check(int(self.synthetic_tokens) == self.synthetic_tokens and self.synthetic_tokens >= 0,
+               f"--synthetic-tokens must be a whole number >= 0, got {self.synthetic_tokens}")
         _check(int(self.branches) == self.branches and self.branches >= 1,
                f"--branches must be a positive integer, got {self.branches}")
         _check(0 < self.rank_search_floor <= 1, f"--rank-search-floor must be in (0, 1], got {self.rank_search_floor}")

@@ -154,11 +154,14 @@ class BenchResult:
 
 @dataclass
 class CalibrationOutcome:
-    """The calibrate stage: Gram matrices of `layers` from `samples`, `held_back` kept for the gate."""
+    """The calibrate stage: Gram matrices of `layers` from `samples` (and `synthetic` token sequences,
+    --synthetic-tokens), `held_back` kept for the gate."""
 
     layers: int
     samples: int
     held_back: int
+    synthetic: int = 0
+    synthetic_inputs: dict[str, int] = field(default_factory=dict)   # token input -> rows of its table
 
 
 @dataclass
@@ -231,6 +234,7 @@ class RefineOutcome:
     blocks: list[RefinedBlock] = field(default_factory=list)
     train_samples: int = 0
     held_samples: int = 0
+    synthetic_samples: int = 0     # synthetic token sequences trained on beside the train samples
     seconds: float = 0.0           # wall time of the stage
     cpu_seconds: float = 0.0       # its process CPU time (on a shared machine, wall overstates the cost)
     closed_form_error: float | None = None   # worst output rel_l2 on the held-out samples, in ORT

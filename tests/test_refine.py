@@ -169,7 +169,7 @@ def test_bert_tiny_refines_on_padded_texts_cut_to_their_length(torch, tmp_path):
     """The bundled BERT (exporter graph: shape arithmetic, LayerNorm, Erf, Softmax) end to end, on
     right-padded token ids: chunks are cut to their longest text, the blocks are the LayerNorm
     outputs, and the refined model (ORT, full length) is no worse than the closed form."""
-    from onnx_lowrank.data_aware.refine import _chunks, _trimmable
+    from onnx_lowrank.data_aware.refine import _chunks, _trimmable, describe
 
     model = onnx.load(MODELS / "bert_tiny.onnx")
     assert _trimmable(model) == "attention_mask"
@@ -183,6 +183,9 @@ def test_bert_tiny_refines_on_padded_texts_cut_to_their_length(torch, tmp_path):
                                refine=True, refine_steps=5)
     outcome = report.data_aware.refinement
     assert not outcome.reason and len(outcome.blocks) == 4, report.notes     # two layers, two LayerNorms each
+    # the synthetic token sequences of --synthetic-tokens (default 1) train beside the real texts
+    assert outcome.train_samples == 48 and outcome.synthetic_samples == 48
+    assert "48 train (+ 48 synthetic token sequences) / 16 held-out" in describe(outcome)
     assert all("LayerNorm" in b.output or b.output == "last_hidden_state" for b in outcome.blocks)
     assert outcome.refined_error <= outcome.closed_form_error
     from onnx_lowrank.data_aware.plan import DataPlan

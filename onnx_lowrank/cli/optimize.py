@@ -39,6 +39,12 @@ def add_parser(sub) -> None:
                       help="samples (keys = input names, leading axis = samples; or a directory of .npz): ranks and "
                            "truncations minimise the error on these inputs (whitened SVD); --max-error is then checked "
                            "on held-back samples and ranks are backed off until it holds")
+    data.add_argument("--synthetic-tokens", type=int_arg, default=1, metavar="N",
+                      help="with --calibration, for a model whose integer inputs index an embedding table (token "
+                           "ids): N synthetic sequences per calibration sample, ids drawn uniformly from the table "
+                           "(length, mask, first and last token copied), join the Gram matrices, so that the "
+                           "truncation keeps what texts of other domains than the calibration's use (default 1; 0: "
+                           "the calibration samples only)")
     data.add_argument("--error-correction", action="store_true",
                       help="with --calibration, refit the factorized layers (k x k convs included) to the original "
                            "outputs, depth by depth, on the inputs they see in the compressed model (one more pass "

@@ -31,6 +31,7 @@ from ...errors import MissingDependencyError
 from ...passes import PassContext
 from ...report import RefinedBlock, RefineOutcome, Report
 from ..plan import DataPlan, fed_inputs
+from ...synthetic import synthetic_tokens
 from .blocks import alignment_blocks
 
 INSTALL = "pip install 'onnx-lowrank[refine]'"
@@ -81,8 +82,11 @@ def refine(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
         report.notes.append(describe(outcome))
         return optimized, outcome
     blocks = alignment_blocks(reference_model, optimized, set(forms))
-    samples = _samples(plan, optimized)
+    calibrated = report.data_aware.calibration if report.data_aware else None
+    tables = calibrated.synthetic_inputs if calibrated and calibrated.synthetic else {}
+    samples = _samples(plan, optimized, tables, options.synthetic_tokens, options.seed)
     outcome.train_samples, outcome.held_samples = samples.train_count, samples.held_count
+    outcome.synthetic_samples = samples.train_count * options.synthetic_tokens if tables else 0
     try:
         outcome.blocks = _refine_blocks(compressed, reference, blocks, forms, samples, context, on_batch)
     except UnsupportedOp as exc:
@@ -116,7 +120,8 @@ class _Samples:
     held_count: int
 
 
-def _samples(plan: DataPlan, model: onnx.ModelProto) -> _Samples:
+def _samples(plan: DataPlan, model: onnx.ModelProto, tables: dict[str, int] | None = None, copies: int = 0,
+             seed: int = 0) -> _Samples:
     from .evaluator import to_torch
 
     held_count = max(1, int(plan.fit_stop * HOLD_OUT))
@@ -124,6 +129,10 @@ def _samples(plan: DataPlan, model: onnx.ModelProto) -> _Samples:
     names, trimmed = fed_inputs(model), _trimmable(model)
     train_batches = list(_chunks(plan, 0, split, trimmed))
     held_batches = list(_chunks(plan, split, plan.fit_stop, trimmed))
+    # synthetic token sequences (synthetic.py) train too: the original defines the targets of any
+    # input, and 96 texts of one domain are overfit within tens of steps; held-out stays real
+    train_batches += [synthetic_tokens(b, tables, np.random.default_rng([seed, i, copy]))
+                      for copy in range(copies) for i, b in enumerate(train_batches)] if tables else []
     inputs = [{k: to_torch(b[k]) for k in names} for b in train_batches + held_batches]
     return _Samples(inputs, [_mask(chunk) for chunk in inputs], list(range(len(train_batches))),
                     list(range(len(train_batches), len(inputs))), held_batches, split, held_count)
@@ -168,8 +177,9 @@ def _refine_blocks(compressed, reference, blocks: list, forms: dict[str, str], s
 def describe(outcome: RefineOutcome) -> str:
     if outcome.reason:
         return f"refinement: {outcome.reason}"
-    lines = [f"refinement: {len(outcome.blocks)} blocks, {outcome.train_samples} train / {outcome.held_samples} "
-             f"held-out samples, {outcome.seconds:.0f} s ({outcome.cpu_seconds:.0f} s CPU); output rel_l2 on the held-out samples "
+    synthetic = f" (+ {outcome.synthetic_samples} synthetic token sequences)" if outcome.synthetic_samples else ""
+    lines = [f"refinement: {len(outcome.blocks)} blocks, {outcome.train_samples} train{synthetic} / "
+             f"{outcome.held_samples} held-out samples, {outcome.seconds:.0f} s ({outcome.cpu_seconds:.0f} s CPU); output rel_l2 on the held-out samples "
              f"{outcome.closed_form_error:.4g} (closed form) -> {outcome.refined_error:.4g} (refined)"
              + ("" if outcome.kept else ": worse, the closed-form fit is kept")]
     for b in outcome.blocks:
