@@ -45,7 +45,7 @@ class Options:
     branches: int = 4                    # groups of the branched-tucker core
     # MatMul -> activation -> MatMul blocks (passes/prune_mlp.py, needs --calibration): "svd" leaves
     # their layers to the per-layer SVD; "nystrom" keeps k of the neurons and refits W2; "auto"
-    # lets the allocation pick per block by the predicted error at equal MACs
+    # gives the global allocation both forms of each block on one grid (rank_allocation.BlockForms)
     mlp_form: str = "svd"
     mlp_selection: str = "greedy"        # which neurons: greedy LS forward selection, energy, leverage
     # hardware-aware ranks: measure each candidate layer in ONNX Runtime (off: the FLOP model)

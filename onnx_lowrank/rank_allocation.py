@@ -19,9 +19,10 @@ met. The moves taken are kept in order: undoing them from the last is the back-o
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Hashable, Protocol
+from typing import Hashable, Mapping, Protocol
 
 import numpy as np
 
@@ -119,6 +120,78 @@ class NeuronSpectrum:
         return list(range(top - top % multiple, 0, -multiple))
 
 
+@dataclass(frozen=True)
+class BlockState:
+    """An MLP block's form under the allocation: on `k` of its neurons (form "neurons"), or its two
+    layers by SVD at `ranks` (form "svd"; a None rank keeps that layer dense)."""
+
+    form: str
+    k: int | None = None
+    ranks: tuple[tuple[str, int | None], ...] = ()
+
+
+@dataclass(frozen=True)
+class BlockForms:
+    """One MLP block with both of its forms on one grid (--mlp-form auto): the block on k neurons
+    (NeuronSpectrum) or its layers' ranks (LayerSpectrum each; a layer the survey did not cover
+    stays dense at `fixed` cost). Its grid is the Pareto front of (cost, error) over every state of
+    either form, so the greedy allocation picks, at each step, the form that adds least error per
+    unit of cost saved, jointly with every other layer's rank."""
+
+    name: str
+    block: NeuronSpectrum
+    members: tuple[LayerSpectrum, ...]
+    fixed: dict[str, float] = field(default_factory=dict)     # kind -> cost of members not surveyed
+
+    def cost(self, state: BlockState | None, kind: str) -> float:
+        if state is None:
+            return self.block.cost(None, kind)
+        if state.form == "neurons":
+            return self.block.cost(state.k, kind)
+        ranks = dict(state.ranks)
+        return self.fixed.get(kind, 0.0) + sum(m.cost(ranks[m.name], kind) for m in self.members)
+
+    def squared_error(self, state: BlockState | None) -> float:
+        if state is None:
+            return 0.0
+        if state.form == "neurons":
+            return self.block.squared_error(state.k)
+        ranks = dict(state.ranks)
+        return sum(m.squared_error(ranks[m.name]) for m in self.members)
+
+    def grid(self, multiple: int, kind: str = "flops") -> list[BlockState]:
+        """Descending cost, each state less error than every cheaper one, all cheaper than dense."""
+        states = [BlockState("neurons", k) for k in self.block.grid(multiple)]
+        choices = [[None] + m.grid(multiple) for m in self.members]
+        for ranks in itertools.product(*choices):
+            if any(r is not None for r in ranks):
+                states.append(BlockState("svd", ranks=tuple((m.name, r) for m, r in zip(self.members, ranks))))
+        dense = self.cost(None, kind)
+        points = sorted(((self.cost(s, kind), self.squared_error(s), i) for i, s in enumerate(states)
+                         if self.cost(s, kind) < dense))
+        front, least = [], math.inf
+        for cost, error, i in points:   # cheapest first: keep a state only if it errs less than all cheaper
+            if error < least:
+                front.append(states[i])
+                least = error
+        return front[::-1]
+
+
+def layer_ranks(ranks: Mapping[str, Hashable | None]) -> dict[str, Hashable | None]:
+    """The per-layer ranks the passes read: a BlockState under a block's name becomes the block's k
+    (prune_mlp) or its layers' ranks (the decompose passes; the block's name then absent)."""
+    expanded: dict[str, Hashable | None] = {}
+    for name, rank in ranks.items():
+        if isinstance(rank, BlockState):
+            if rank.form == "neurons":
+                expanded[name] = rank.k
+            else:
+                expanded.update(rank.ranks)
+        else:
+            expanded[name] = rank
+    return expanded
+
+
 class Spectrum(Protocol):
     name: str
 
@@ -158,7 +231,8 @@ def allocate_ranks(layers: list[Spectrum], ratio: float, kind: str = "flops", mu
     """Ranks for `layers` so that their total cost is at most ratio x the dense total."""
     if kind not in COSTS:
         raise ValueError(f"kind must be one of {COSTS}, got {kind!r}")
-    grids = {layer.name: layer.grid(multiple) for layer in layers}
+    grids = {layer.name: layer.grid(multiple, kind) if isinstance(layer, BlockForms) else layer.grid(multiple)
+             for layer in layers}
     by_name = {layer.name: layer for layer in layers}
     state: dict[str, Hashable | None] = {layer.name: None for layer in layers}
     before = sum(layer.cost(None, kind) for layer in layers)

@@ -17,7 +17,8 @@ from onnx_lowrank.numerics.nystrom import SELECTIONS, neurons_for_rule, refit, s
 from onnx_lowrank.numerics.ranks import RankRule
 from onnx_lowrank.options import Options
 from onnx_lowrank.passes.mlp_blocks import match_block
-from onnx_lowrank.rank_allocation import LayerSpectrum, NeuronSpectrum, allocate_ranks
+from onnx_lowrank.rank_allocation import (BlockForms, BlockState, LayerSpectrum, NeuronSpectrum, allocate_ranks,
+                                         layer_ranks)
 
 RNG = np.random.default_rng(0)
 
@@ -341,17 +342,34 @@ def spectra():
     return layers, d, d_in, d_out
 
 
-def test_auto_takes_the_block_form_where_it_predicts_less_error():
+def test_auto_makes_each_block_one_choice_of_both_forms_in_the_allocation():
     layers, d, d_in, d_out = spectra()
     good = NeuronSpectrum("fc1+fc2", ("fc1", "fc2"), d, d_in, d_out, np.linspace(0.3, 0, d + 1), 28)
     bad = NeuronSpectrum("fc1+fc2", ("fc1", "fc2"), d, d_in, d_out, np.linspace(3, 0, d + 1), 28)
-    notes = []
-    chosen = mlp_forms([*layers, good], 0.5, "flops", Options(calibration="x", mlp_form="auto", rank_multiple=1), notes)
-    assert [s.name for s in chosen] == ["fc1+fc2"] and "1 of 1 MLP blocks" in notes[0]
-    assert [s.name for s in mlp_forms([*layers, bad], 0.5, "flops", Options(calibration="x", mlp_form="auto", rank_multiple=1), [])] \
-        == ["fc1", "fc2"]
-    allocation = allocate_ranks(chosen, 0.5, "flops", multiple=1)
-    assert allocation.met and allocation.ranks["fc1+fc2"] == 16
+    options = Options(calibration="x", mlp_form="auto", rank_multiple=1)
+    (joint,) = mlp_forms([*layers, good], options)
+    assert isinstance(joint, BlockForms) and joint.name == "fc1+fc2" and [m.name for m in joint.members] == ["fc1", "fc2"]
+    # the grid is a Pareto front: cheaper states err more, every one is cheaper than dense
+    grid = joint.grid(1)
+    costs, errors = [joint.cost(s, "flops") for s in grid], [joint.squared_error(s) for s in grid]
+    assert costs == sorted(costs, reverse=True) and errors == sorted(errors) and costs[0] < joint.cost(None, "flops")
+    assert len(set(errors)) == len(errors)
+    allocation = allocate_ranks([joint], 0.5, "flops", multiple=1)
+    assert allocation.met and allocation.ranks["fc1+fc2"] == BlockState("neurons", 16)
+    assert layer_ranks(allocation.ranks) == {"fc1+fc2": 16}
+    # where keeping neurons errs more, the same allocation takes the per-layer SVD form
+    (joint,) = mlp_forms([*layers, bad], options)
+    state = allocate_ranks([joint], 0.5, "flops", multiple=1).ranks["fc1+fc2"]
+    assert state.form == "svd" and set(layer_ranks({"fc1+fc2": state})) == {"fc1", "fc2"}
+    # nystrom takes every block on neurons, as a NeuronSpectrum
+    assert mlp_forms([*layers, good], Options(calibration="x", mlp_form="nystrom")) == [good]
+
+
+def test_auto_block_form_state_reaches_the_passes_as_layer_ranks():
+    from onnx_lowrank.passes.base import LayerPlan
+    plan = LayerPlan(ranks={"b1": BlockState("svd", ranks=(("fc1", 8), ("fc2", None))), "b2": BlockState("neurons", 4),
+                            "fc3": 2, "b3": None})
+    assert plan.ranks == {"fc1": 8, "fc2": None, "b2": 4, "fc3": 2, "b3": None}
 
 
 def test_neuron_spectrum_costs_k_times_both_widths():
@@ -391,5 +409,5 @@ def test_auto_prunes_a_redundant_block_under_a_target(calib):
                                  validate=False, measure=False)
     records = [r for r in report.layers if r.pass_name == "prune_mlp"]
     assert [r.status for r in records] == ["decomposed", "decomposed"] and records[0].rank == [16]
-    assert any("1 of 1 MLP blocks keep neurons" in note for note in report.notes)
+    assert any("of 1 MLP blocks, the allocation kept 1 on fewer neurons" in note for note in report.notes)
     assert max(output_errors(model, optimized, {"N": 64})) < EXACT_F32

@@ -87,8 +87,9 @@ def add_parser(sub) -> None:
                      help="svd: each MatMul by its own SVD; nystrom: keep k of the block's neurons and refit the "
                           "second matrix on the calibration activations (two smaller dense MatMuls or a Conv -> 1x1 "
                           "Conv pair on k channels, no extra "
-                          "node); auto: per block, whichever the allocation predicts less error for at the same "
-                          "MACs (nystrom and auto need --calibration; default svd)")
+                          "node); auto: each block is one more choice of the global allocation (--target-*), its k "
+                          "neurons or its layers' SVD ranks, whichever adds least predicted error per MAC saved "
+                          "(nystrom and auto need --calibration; default svd)")
     mlp.add_argument("--mlp-selection", default="greedy", choices=MLP_SELECTIONS,
                      help="which neurons nystrom keeps: greedy least-squares forward selection, energy "
                           "(activation energy x output-weight norm), leverage (ridge leverage) (default greedy)")

@@ -20,8 +20,8 @@ from ..inputs import input_hints
 from ..io import write_model
 from ..passes import PassContext, PassEntry
 from ..passes.base import layer_name, unique_name
-from ..rank_allocation import (ConvSpectrum, NeuronSpectrum, Spectrum, allocate_ranks, flop_ratio_for_speedup,
-                               predicted_error, rank_grid)
+from ..rank_allocation import (COSTS, BlockForms, BlockState, ConvSpectrum, LayerSpectrum, NeuronSpectrum, Spectrum,
+                               allocate_ranks, flop_ratio_for_speedup, predicted_error, rank_grid)
 from ..report import AllocationOutcome
 from ..time_share import TimeShare, choose_share, without_layers
 from .plan import DataPlan
@@ -69,8 +69,11 @@ def allocate(plan: DataPlan, graph: gs.Graph, original: onnx.ModelProto, context
         share = time_share(value, plan.reference(original), plan, options)
         kind, ratio = "flops", _speedup_ratio(value, share, notes)
         plan.flop_ratio, plan.time_fraction = ratio, share.share
-    plan.spectra = mlp_forms(plan.spectra, ratio, kind, options, notes)
+    plan.spectra = mlp_forms(plan.spectra, options)
     plan.allocation = allocate_ranks(plan.spectra, ratio, kind, options.rounding_multiple)
+    forms = describe_forms(plan.spectra, plan.allocation.ranks)
+    if forms:
+        notes.append(forms)
     outcome = _outcome(plan, kind, ratio, sensitivity, share)
     notes.append(describe(outcome))
     return outcome
@@ -92,35 +95,42 @@ def _error_at(spectrum: Spectrum) -> str:
     return spectrum.layers[1] if isinstance(spectrum, NeuronSpectrum) else spectrum.name
 
 
-def mlp_forms(spectra: list[Spectrum], ratio: float, kind: str, options, notes: list[str]) -> list[Spectrum]:
+def mlp_forms(spectra: list[Spectrum], options) -> list[Spectrum]:
     """The spectra the allocation chooses among: per MLP block (prune_mlp's NeuronSpectrum) either
     the block on k neurons or its two layers by SVD, never both. --mlp-form nystrom takes every
-    block; auto allocates the SVD forms first and takes a block where, at the MACs that allocation
-    gave its two layers, keeping neurons predicts less error."""
+    block on neurons; auto makes each block one BlockForms, whose grid holds both forms, so the
+    allocation chooses the form with its ranks, jointly with every other layer."""
     blocks = [s for s in spectra if isinstance(s, NeuronSpectrum)]
     layers = [s for s in spectra if not isinstance(s, NeuronSpectrum)]
     if not blocks:
         return spectra
-    multiple = options.rounding_multiple
+    replaced = {name for block in blocks for name in block.layers}
     if options.mlp_form == "nystrom":
-        chosen = blocks
-    else:
-        by_name = {s.name: s for s in layers}
-        svd = allocate_ranks(layers, ratio, kind, multiple).ranks
-        chosen = []
-        for block in blocks:
-            members = [by_name[name] for name in block.layers if name in by_name]
-            dense = block.cost(None, kind) - sum(m.cost(None, kind) for m in members)   # layers not surveyed
-            cost = dense + sum(m.cost(svd[m.name], kind) for m in members)
-            error = sum(m.squared_error(svd[m.name]) for m in members)
-            fits = [k for k in block.grid(multiple) if block.cost(k, kind) <= cost * (1 + 1e-12)]
-            if cost < block.cost(None, kind) and fits and block.squared_error(fits[0]) < error:
-                chosen.append(block)
-        notes.append(f"--mlp-form auto: {len(chosen)} of {len(blocks)} MLP blocks keep neurons (prune_mlp), the "
-                     "others per-layer SVD: the form with the smaller predicted error at the MACs a per-layer "
-                     "allocation gave the block")
-    replaced = {name for block in chosen for name in block.layers}
-    return [s for s in layers if s.name not in replaced] + chosen
+        return [s for s in layers if s.name not in replaced] + blocks
+    by_name = {s.name: s for s in layers}
+    joint = []
+    for block in blocks:
+        members = tuple(by_name[name] for name in block.layers if isinstance(by_name.get(name), LayerSpectrum))
+        if len(members) < len(block.layers) and any(name in by_name for name in block.layers):
+            joint.append(block)    # a member surveyed as something else than a matrix: neurons only
+            continue
+        fixed = {kind: block.cost(None, kind) - sum(m.cost(None, kind) for m in members) for kind in COSTS}
+        joint.append(BlockForms(block.name, block, members, fixed))
+    return [s for s in layers if s.name not in replaced] + joint
+
+
+def describe_forms(spectra: list[Spectrum], ranks: dict) -> str | None:
+    """How --mlp-form auto's blocks came out of the allocation."""
+    blocks = [s for s in spectra if isinstance(s, BlockForms)]
+    if not blocks:
+        return None
+    forms = [ranks.get(b.name) for b in blocks]
+    neurons = sum(1 for f in forms if isinstance(f, BlockState) and f.form == "neurons")
+    svd = sum(1 for f in forms if isinstance(f, BlockState) and f.form == "svd")
+    return (f"--mlp-form auto: of {len(blocks)} MLP blocks, the allocation kept {neurons} on fewer neurons "
+            f"(prune_mlp), gave {svd} per-layer SVD and left {len(blocks) - neurons - svd} dense: each block's "
+            "two forms are one choice beside every other layer's rank, the one that adds least predicted "
+            "error per MAC saved")
 
 
 def _per_sample(spectrum: Spectrum, positions: dict[str, float]) -> Spectrum:

@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from ..forms import LatencyFn
 from ..options import Options
+from ..rank_allocation import BlockState, layer_ranks
 from ..report import LayerRecord, PassResult
 
 __all__ = ["PassContext", "PassResult", "LayerRecord", "apply_to_nodes", "constant_weight", "layer_name", "new_name",
@@ -41,6 +42,11 @@ class LayerPlan:
     patch_grams: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     # layer -> why it is kept dense whatever the rule says (e.g. factors that would add bytes)
     dense: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # an allocated MLP block's form (rank_allocation.BlockState) is read as its layers' ranks
+        if any(isinstance(rank, BlockState) for rank in self.ranks.values()):
+            object.__setattr__(self, "ranks", layer_ranks(self.ranks))
 
     def with_(self, **changes) -> "LayerPlan":
         return dataclasses.replace(self, **changes)
