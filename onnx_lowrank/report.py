@@ -209,6 +209,7 @@ class GateOutcome:
     within: bool                   # the planned model was within the gate
     steps_kept: int | None = None  # when backed off: compression steps kept of `steps`
     steps: int | None = None
+    refined_again: bool = False    # a refined model backed off: the prefix kept was refined again
 
 
 @dataclass

@@ -182,3 +182,42 @@ def test_a_square_transposed_gemm_is_truncated_in_its_own_orientation(calib):
     measured = relative_error(run_ort(optimized, {"x": x})[0], run_ort(gemm, {"x": x})[0])
     assert record.method == "whitened-svd"
     assert measured == pytest.approx(record.activation_error, rel=0.1)   # a transposed read: error ~1
+
+
+@pytest.mark.parametrize("again_within", [True, False])
+def test_a_refined_model_outside_the_gate_is_backed_off_by_its_gain_and_refined_again(calib, monkeypatch, again_within):
+    """Refinement halved the error (ratio 0.5), yet the refined model is outside the gate: the
+    back-off keeps the longest prefix whose closed form is within 2 x max_error, refines it again
+    and keeps it when that is within the gate; otherwise the closed form within the gate itself.
+    The refinement is a stand-in (no torch): the second one returns the original model, within any
+    gate, or, for the fallback, the model it was given, unrefined."""
+    from onnx_lowrank.data_aware import refine as _refine
+    from onnx_lowrank.report import RefineOutcome
+
+    calls = []
+
+    def fake_refine(plan, original, optimized, context, report, on_batch=None):
+        if not context.options.refine:
+            return optimized, None
+        calls.append(optimized)
+        if len(calls) == 1:     # the planned model: "refined", still outside the gate
+            return optimized, RefineOutcome(kept=True, closed_form_error=1.0, refined_error=0.5)
+        return (MLP if again_within else optimized), RefineOutcome(kept=True, closed_form_error=1.0,
+                                                                   refined_error=0.5)
+
+    monkeypatch.setattr(_refine, "refine", fake_refine)
+    monkeypatch.setattr(_refine, "require_torch", lambda: None)
+    greedy, _ = optimize(MLP, calibration=calib, target_flops=0.3, validate=False)
+    bound = held_out_error(greedy) / 3
+    plain, plain_report = optimize(MLP, calibration=calib, target_flops=0.3, max_error=bound, min_top1=0)
+    model, report = optimize(MLP, calibration=calib, target_flops=0.3, max_error=bound, min_top1=0, refine=True)
+    gate, strict = report.data_aware.gate, plain_report.data_aware.gate
+    assert len(calls) == 2 and not gate.within
+    if again_within:
+        assert gate.refined_again and gate.steps_kept > strict.steps_kept   # further than the closed form may go
+        assert any("refined again: within the gate" in n for n in report.notes)
+        assert model.SerializeToString() == MLP.SerializeToString()
+    else:
+        assert not gate.refined_again and gate.steps_kept == strict.steps_kept
+        assert model.SerializeToString() == plain.SerializeToString()
+        assert any("outside it too once refined" in n for n in report.notes)

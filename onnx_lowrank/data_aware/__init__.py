@@ -76,10 +76,18 @@ def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
     optimized, context, outcome.correction = _correct.correct(plan, original, optimized, context, entries, report,
                                                               on_batch)
     optimized, outcome.refinement = _refine.refine(plan, original, optimized, context, report, on_batch)
-    optimized, outcome.gate = _back_off.back_off(plan, original, optimized, context, entries, report)
-    if outcome.refinement and outcome.refinement.kept and outcome.gate and not outcome.gate.within:
-        report.notes.append("refinement: the gate refused the refined model; the model it backed off to is the "
-                            "closed-form fit at the lower ranks (not refined again)")
+    refined = outcome.refinement
+    refit = None
+    if refined and refined.kept and refined.closed_form_error and refined.refined_error < refined.closed_form_error:
+        def refine_again(model: onnx.ModelProto) -> onnx.ModelProto | None:
+            model, again = _refine.refine(plan, original, model, context, report, on_batch)
+            return model if again and again.kept else None
+        refit = (refined.refined_error / refined.closed_form_error, refine_again)
+    optimized, outcome.gate = _back_off.back_off(plan, original, optimized, context, entries, report, refit)
+    if refined and refined.kept and outcome.gate and not outcome.gate.within and not outcome.gate.refined_again:
+        report.notes.append("refinement: the gate refused the refined model, and the model backed off to as far "
+                            "as refinement's gain allows was outside it too once refined; the model it backed off "
+                            "to is the closed-form fit at lower ranks (not refined again)")
     return optimized
 
 

@@ -4,6 +4,8 @@ model within it."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import onnx
 
 from ..gate import gate_for, gate_tolerances
@@ -13,12 +15,23 @@ from ..report import GateOutcome, Report
 from ..runtime import SessionConfig
 from .plan import DataPlan, count, plan_rank, replace_records, rewrite, tucker2
 
+#: What a refinement gave, for the back-off of a refined model: the ratio of refined to
+#: closed-form output error it measured, and the refinement to run again on a model backed off to.
+Refit = tuple[float, Callable[[onnx.ModelProto], onnx.ModelProto | None]]
+
+
 def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
-             entries: list[PassEntry], report: Report) -> tuple[onnx.ModelProto, GateOutcome | None]:
+             entries: list[PassEntry], report: Report, refit: Refit | None = None
+             ) -> tuple[onnx.ModelProto, GateOutcome | None]:
     """Check the rewritten model on the held-back samples against the quality gate (gate.py:
     --max-error, default 0.25, and top-1 agreement of class outputs); if it passes, keep it, else
     bisect along the compression path (allocation steps, or the rank rule's layers from least to
     most damaging) for the most compressed prefix within the gate.
+
+    `optimized` refined (`refit`: refinement cut the output error by `ratio`): first the most
+    compressed prefix whose closed form is within max_error / ratio is refined again and kept if it
+    is within the gate; only otherwise the closed form within the gate itself (refining only the
+    final model, not every bisection round: one refinement costs minutes).
 
     Replaces report.layers / report.passes of `entries` with those of the model returned."""
     gate = gate_for(context.options)
@@ -38,15 +51,21 @@ def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelPro
     allocated = plan.allocation is not None
     path = plan.allocation.steps if allocated else _rank_rule_path(report)
     dense = set(plan.allocation.ranks) if allocated else set()
-    lo, hi = 0, len(path)          # prefix lo is within the gate (0: the original), prefix hi is not
-    best = None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, dense))
-        if _within_gate(original, reference, model, context)[0]:
-            lo, best = mid, (model, records)
-        else:
-            hi = mid
+    hi = len(path)
+    if refit is not None:
+        ratio, refine_again = refit
+        loose, found = _bisect(plan, original, context, entries, reference, path, dense, 0, hi, slack=1 / ratio)
+        if loose > 0:
+            model, records = found
+            replace_records(report, records)
+            refined = refine_again(model)
+            if refined is not None and _within_gate(original, reference, refined, context)[0]:
+                outcome = GateOutcome(gate.describe(), measured, count(samples), False, loose, len(path),
+                                      refined_again=True)
+                report.notes.append(describe(outcome))
+                return refined, outcome
+        hi = min(hi, loose + 1)    # a closed form within the gate is within its loosened bound
+    lo, best = _bisect(plan, original, context, entries, reference, path, dense, 0, hi)
     model, records = best or rewrite(plan, original, context, entries, _prefix_ranks(path, 0, dense))
     restored = {name for name, _ in path[lo:]} - {name for name, _ in path[:lo]}
     for r in (r for pass_records in records.values() for r in pass_records):
@@ -58,7 +77,27 @@ def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelPro
     return model, outcome
 
 
+def _bisect(plan: DataPlan, original: onnx.ModelProto, context: PassContext, entries: list[PassEntry],
+            reference: ReferenceRun, path: list, dense: set[str], lo: int, hi: int, slack: float = 1.0):
+    """(lo, its (model, records) or None): the longest prefix of `path` in [lo, hi) whose rewrite
+    is within the gate with max_error x slack, prefix lo taken as within and prefix hi as not."""
+    best = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        model, records = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, dense))
+        if _within_gate(original, reference, model, context, slack)[0]:
+            lo, best = mid, (model, records)
+        else:
+            hi = mid
+    return lo, best
+
+
 def describe(outcome: GateOutcome) -> str:
+    if outcome.refined_again:
+        return (f"quality gate {outcome.gate}: the refined model ({outcome.measured} on {outcome.samples} held-back "
+                f"samples) is outside it; backed off to {outcome.steps_kept} of {outcome.steps} compression steps, "
+                "as far as the closed form is within the gate loosened by what refinement gained, and refined "
+                "again: within the gate")
     if outcome.within:
         return f"quality gate {outcome.gate}: {outcome.measured} on {outcome.samples} held-back samples"
     return (f"quality gate {outcome.gate}: the planned model ({outcome.measured} on {outcome.samples} "
@@ -84,11 +123,11 @@ def _prefix_ranks(path: list[tuple[str, int | tuple[int, ...]]], count: int, den
     return ranks
 
 def _within_gate(original: onnx.ModelProto, reference: ReferenceRun, candidate: onnx.ModelProto,
-                 context: PassContext) -> tuple[bool, str]:
-    """Whether the candidate is within the quality gate on the reference run's samples, and what
-    was measured."""
+                 context: PassContext, slack: float = 1.0) -> tuple[bool, str]:
+    """Whether the candidate is within the quality gate (its max_error x slack) on the reference
+    run's samples, and what was measured."""
     gate = gate_for(context.options)
-    tolerance, per_output = gate_tolerances(gate, gate.max_error, original, real_samples=True)
+    tolerance, per_output = gate_tolerances(gate, gate.max_error * slack, original, real_samples=True)
     result = check_parity(reference, candidate, tolerance=tolerance, per_output=per_output,
                           provider=context.options.provider)
     worst = max(result.outputs, key=lambda o: o.rel_l2_error)
