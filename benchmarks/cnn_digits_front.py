@@ -126,23 +126,32 @@ def measure(built, blocks: int, plot: str | None) -> None:
 
 
 def pareto(table, base_accuracy: float, path: str) -> None:
+    """The whole front, and beside it the rows within 2 points of the original (the ones a user
+    would ship), labels staggered so that close points stay readable."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    ax.scatter([1.0], [base_accuracy * 100], color="black")
-    ax.annotate("original (fp32)", (1.0, base_accuracy * 100), textcoords="offset points", xytext=(6, -12), fontsize=8)
-    for label, speed, acc in table:
-        ax.scatter([speed], [acc * 100], marker="s" if "int8" in label else "o", color="tab:blue")
-        ax.annotate(label, (speed, acc * 100), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.axhline(base_accuracy * 100 - 0.5, color="grey", lw=0.6, ls="--")
-    ax.axvline(2.0, color="grey", lw=0.6, ls="--")
-    ax.set_xlabel("measured whole-model speedup vs the original (batch 64, CPU ORT, interleaved)")
-    ax.set_ylabel("accuracy on 450 held-out digits, %")
-    ax.set_title("digits CNN: the front against int8 (squares: int8)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, zoom in zip(axes, (False, True)):
+        ax.scatter([1.0], [base_accuracy * 100], color="black")
+        ax.annotate("original (fp32)", (1.0, base_accuracy * 100), textcoords="offset points", xytext=(6, -12),
+                    fontsize=8)
+        shown = [(label, speed, acc) for label, speed, acc in table if not zoom or acc * 100 >= base_accuracy * 100 - 2]
+        for i, (label, speed, acc) in enumerate(sorted(shown, key=lambda row: row[1])):
+            ax.scatter([speed], [acc * 100], marker="s" if "int8" in label else "o", color="tab:blue")
+            ax.annotate(label, (speed, acc * 100), textcoords="offset points", xytext=(6, 4 + (i % 3) * 9 if zoom else 4),
+                        fontsize=7)
+        ax.axhline(base_accuracy * 100 - 0.5, color="grey", lw=0.6, ls="--")
+        ax.axvline(2.0, color="grey", lw=0.6, ls="--")
+        ax.set_xlabel("measured whole-model speedup vs the original (batch 64, CPU ORT, interleaved)", fontsize=8)
+        ax.set_ylabel("accuracy on 450 held-out digits, %")
+        if zoom:
+            ax.set_ylim(base_accuracy * 100 - 2, 100.5)
+    axes[0].set_title("digits CNN: the front against int8 (squares: int8)", fontsize=10)
+    axes[1].set_title("within 2 points of the original (dashed: -0.5 point, 2x)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 

@@ -88,7 +88,7 @@ def build(refine: bool) -> None:
             model, report = optimize(original, **how)
             note = "; ".join(n.replace("\n", " ") for n in report.notes
                              if n.startswith(("rank allocation", "target speedup", "refinement", "--quantize",
-                                              "mlp", "MLP")))
+                                              "mlp", "MLP", "--mlp-form", "quality gate")))
         onnx.save(model, str(target))
         print(f"built {label} -> {target.name} in {time.perf_counter() - began:.0f} s wall, "
               f"{time.process_time() - cpu:.0f} s CPU "
@@ -175,7 +175,8 @@ def pareto(table, path: str) -> None:
     ax.scatter([], [], facecolors="none", edgecolors="tab:orange", label="held-out templated texts")
     ax.set_xlabel("measured speedup vs the original (batch 8 x 64 tokens, CPU ORT, interleaved)")
     ax.set_ylabel("mean cosine of embeddings vs the original")
-    ax.set_title("all-MiniLM-L6-v2: the front against int8 (squares: int8)")
+    ax.set_title(f"all-MiniLM-L6-v2 calibrated on {FRONT.name.replace('front-', '').replace('front', 'calib')}.npz: "
+                 "the front against int8 (squares: int8)", fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
