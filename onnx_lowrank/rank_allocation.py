@@ -19,7 +19,6 @@ met. The moves taken are kept in order: undoing them from the last is the back-o
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Hashable, Mapping, Protocol
@@ -160,21 +159,30 @@ class BlockForms:
         return sum(m.squared_error(ranks[m.name]) for m in self.members)
 
     def grid(self, multiple: int, kind: str = "flops") -> list[BlockState]:
-        """Descending cost, each state less error than every cheaper one, all cheaper than dense."""
-        states = [BlockState("neurons", k) for k in self.block.grid(multiple)]
+        """Descending cost, each state less error than every cheaper one, all cheaper than dense.
+        The SVD states are every combination of the members' ranks (a 4096 x 11008 FFN: ~10^5),
+        costed with numpy; only the front is made into states."""
         choices = [[None] + m.grid(multiple) for m in self.members]
-        for ranks in itertools.product(*choices):
-            if any(r is not None for r in ranks):
-                states.append(BlockState("svd", ranks=tuple((m.name, r) for m, r in zip(self.members, ranks))))
-        dense = self.cost(None, kind)
-        points = sorted(((self.cost(s, kind), self.squared_error(s), i) for i, s in enumerate(states)
-                         if self.cost(s, kind) < dense))
+        costs, errors = np.zeros(()), np.zeros(())
+        for m, ranks in zip(self.members, choices):
+            costs = np.add.outer(costs, [m.cost(r, kind) for r in ranks])
+            errors = np.add.outer(errors, [m.squared_error(r) for r in ranks])
+        costs, errors = costs.ravel() + self.fixed.get(kind, 0.0), errors.ravel()
+        neurons = self.block.grid(multiple)
+        costs = np.concatenate([[self.block.cost(k, kind) for k in neurons], costs[1:]])   # [1:]: all dense
+        errors = np.concatenate([[self.block.squared_error(k) for k in neurons], errors[1:]])
         front, least = [], math.inf
-        for cost, error, i in points:   # cheapest first: keep a state only if it errs less than all cheaper
-            if error < least:
-                front.append(states[i])
-                least = error
-        return front[::-1]
+        for i in np.lexsort((errors, costs)):   # cheapest first: a state stays if it errs less than all cheaper
+            if costs[i] < self.cost(None, kind) and errors[i] < least:
+                front.append(int(i))
+                least = errors[i]
+        return [self._state(i, neurons, choices) for i in front[::-1]]
+
+    def _state(self, index: int, neurons: list[int], choices: list[list]) -> BlockState:
+        if index < len(neurons):
+            return BlockState("neurons", neurons[index])
+        ranks = np.unravel_index(index - len(neurons) + 1, [len(c) for c in choices])
+        return BlockState("svd", ranks=tuple((m.name, c[r]) for m, c, r in zip(self.members, choices, ranks)))
 
 
 def layer_ranks(ranks: Mapping[str, Hashable | None]) -> dict[str, Hashable | None]:
