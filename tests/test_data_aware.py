@@ -220,4 +220,31 @@ def test_a_refined_model_outside_the_gate_is_backed_off_by_its_gain_and_refined_
     else:
         assert not gate.refined_again and gate.steps_kept == strict.steps_kept
         assert model.SerializeToString() == plain.SerializeToString()
-        assert any("outside it too once refined" in n for n in report.notes)
+        assert any("the backed-off models refined again were outside it too" in n for n in report.notes)
+
+
+def test_refinements_of_backed_off_models_stay_within_their_time_budget(calib, monkeypatch):
+    """A refinement that took longer than the budget is not run again after the back-off: the
+    closed form within the gate is kept, and the note says why."""
+    from onnx_lowrank.data_aware import REFIT_BUDGET_S
+    from onnx_lowrank.data_aware import refine as _refine
+    from onnx_lowrank.report import RefineOutcome
+
+    calls = []
+
+    def slow_refine(plan, original, optimized, context, report, on_batch=None):
+        if not context.options.refine:
+            return optimized, None
+        calls.append(optimized)
+        return optimized, RefineOutcome(kept=True, closed_form_error=1.0, refined_error=0.5,
+                                        seconds=REFIT_BUDGET_S + 1)
+
+    monkeypatch.setattr(_refine, "refine", slow_refine)
+    monkeypatch.setattr(_refine, "require_torch", lambda: None)
+    greedy, _ = optimize(MLP, calibration=calib, target_flops=0.3, validate=False)
+    bound = held_out_error(greedy) / 3
+    plain, _ = optimize(MLP, calibration=calib, target_flops=0.3, max_error=bound, min_top1=0)
+    model, report = optimize(MLP, calibration=calib, target_flops=0.3, max_error=bound, min_top1=0, refine=True)
+    assert len(calls) == 1 and not report.data_aware.gate.refined_again
+    assert model.SerializeToString() == plain.SerializeToString()
+    assert any(f"over the {REFIT_BUDGET_S:.0f} s allowed" in n for n in report.notes)

@@ -67,6 +67,11 @@ def prepare(graph: gs.Graph, original: onnx.ModelProto, context: PassContext, de
     return plan, context
 
 
+#: Wall seconds all refinements of backed-off models may take together (the first refinement's time
+#: is what each is expected to cost): MiniLM's take ~30 s each, a ResNet-50's would take many minutes.
+REFIT_BUDGET_S = 180.0
+
+
 def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto, context: PassContext,
            entries: list[PassEntry], report: Report, on_batch: Callable[[int], None] | None = None
            ) -> onnx.ModelProto:
@@ -77,17 +82,23 @@ def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
                                                               on_batch)
     optimized, outcome.refinement = _refine.refine(plan, original, optimized, context, report, on_batch)
     refined = outcome.refinement
-    refit = None
+    refit, spent = None, [0.0]
     if refined and refined.kept and refined.closed_form_error and refined.refined_error < refined.closed_form_error:
         def refine_again(model: onnx.ModelProto) -> onnx.ModelProto | None:
+            # each refinement costs about what the first did: none starts that would pass the budget
+            if spent[0] + refined.seconds > REFIT_BUDGET_S:
+                return None
             model, again = _refine.refine(plan, original, model, context, report, on_batch)
+            spent[0] += again.seconds if again else 0.0
             return model if again and again.kept else None
         refit = (refined.refined_error / refined.closed_form_error, refine_again)
     optimized, outcome.gate = _back_off.back_off(plan, original, optimized, context, entries, report, refit)
     if refined and refined.kept and outcome.gate and not outcome.gate.within and not outcome.gate.refined_again:
-        report.notes.append("refinement: the gate refused the refined model, and the model backed off to as far "
-                            "as refinement's gain allows was outside it too once refined; the model it backed off "
-                            "to is the closed-form fit at lower ranks (not refined again)")
+        why = (f"a refinement takes ~{refined.seconds:.0f} s, over the {REFIT_BUDGET_S:.0f} s allowed for refining "
+               "backed-off models" if refined.seconds > REFIT_BUDGET_S else
+               "the backed-off models refined again were outside it too")
+        report.notes.append(f"refinement: the gate refused the refined model and {why}; the model it backed off to "
+                            "is the closed-form fit at lower ranks (not refined again)")
     return optimized
 
 
