@@ -48,7 +48,7 @@ class LayerSpectrum:
     def squared_error(self, rank: int | None) -> float:
         return 0.0 if rank is None else float(self.errors[rank]) ** 2
 
-    def grid(self, multiple: int) -> list[int]:
+    def grid(self, multiple: int, kind: str = "flops") -> list[int]:
         return rank_grid(self, multiple)
 
 
@@ -78,7 +78,7 @@ class ConvSpectrum:
     def squared_error(self, ranks: tuple[int, int] | None) -> float:
         return 0.0 if ranks is None else float(self.out_errors[ranks[0]] ** 2 + self.in_errors[ranks[1]] ** 2)
 
-    def grid(self, multiple: int) -> list[tuple[int, int]]:
+    def grid(self, multiple: int, kind: str = "flops") -> list[tuple[int, int]]:
         """Descending: r_in on its multiples, r_out in proportion (O / I), both rounded up to a
         multiple, kept where the MACs pay."""
         grid = []
@@ -110,7 +110,7 @@ class NeuronSpectrum:
     def squared_error(self, k: int | None) -> float:
         return 0.0 if k is None else float(self.errors[k]) ** 2
 
-    def grid(self, multiple: int) -> list[int]:
+    def grid(self, multiple: int, kind: str = "flops") -> list[int]:
         top = self.max_k
         if top < 1:
             return []
@@ -205,7 +205,7 @@ class Spectrum(Protocol):
 
     def cost(self, rank, kind: str) -> float: ...
     def squared_error(self, rank) -> float: ...
-    def grid(self, multiple: int) -> list: ...
+    def grid(self, multiple: int, kind: str = "flops") -> list: ...   # descending cost; kind: the cost it is ordered by
 
 
 @dataclass
@@ -239,8 +239,7 @@ def allocate_ranks(layers: list[Spectrum], ratio: float, kind: str = "flops", mu
     """Ranks for `layers` so that their total cost is at most ratio x the dense total."""
     if kind not in COSTS:
         raise ValueError(f"kind must be one of {COSTS}, got {kind!r}")
-    grids = {layer.name: layer.grid(multiple, kind) if isinstance(layer, BlockForms) else layer.grid(multiple)
-             for layer in layers}
+    grids = {layer.name: layer.grid(multiple, kind) for layer in layers}
     by_name = {layer.name: layer for layer in layers}
     state: dict[str, Hashable | None] = {layer.name: None for layer in layers}
     before = sum(layer.cost(None, kind) for layer in layers)
