@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from . import profiling, runtime
-from .inputs import DEFAULT_INT_RANGE, InputHint
+from .inputs import DEFAULT_INT_RANGE, InputHint, graph_input_specs, load_samples
 from .report import BaselineSpeed, BenchResult, LatencyStats
 
 Runner = Callable[[], Any]
@@ -152,10 +152,11 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
     if len(models) not in (1, 2):
         raise ValueError(f"bench times one model or two against each other, got {len(models)}")
     config = config or runtime.SessionConfig()
-    labels = list(labels or [_label(m, i) for i, m in enumerate(models)])
+    compared = list(models)           # A (and B); the baseline, if any, is timed after them
+    labels = list(labels or [_label(m, i) for i, m in enumerate(compared)])
     if baseline is not None:
         labels.append(baseline[0])
-        models = [*models, baseline[2]]
+        models = [*compared, baseline[2]]
     if len(models) > 1:
         config = replace(config, spinning=False)
     sessions = [runtime.make_session(model, config) for model in models]
@@ -169,7 +170,8 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
         notes = []
     runners = [runtime.runner(session, feeds) for session in sessions]
 
-    pairs = [(0, 1)] + ([(len(models) - 1, 1)] if baseline is not None and len(models) == 3 else [])
+    # A/B settles the timing; with a baseline, B (or A alone) against it too
+    pairs = [(0, 1)] + ([(2, 1)] if baseline is not None and len(compared) == 2 else [])
     latencies, counts = time_interleaved(runners, plan, settled=_precise(plan, pairs) if len(runners) > 1 else None)
     items = _leading_dim(feeds)
     result = BenchResult(
@@ -182,8 +184,7 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
                   "warmup_ms": plan.warmup_s * 1e3, "profile_runs": plan.profile_runs if profile else None,
                   "throughput_unit": f"samples/s (leading dim {items})"},
         notes=notes)
-    timed_pair = len(models) == 3 or (len(models) == 2 and baseline is None)
-    if timed_pair:
+    if len(compared) == 2:
         (result.speedup, result.speedup_p10, result.speedup_p90,
          result.speedup_ci_low, result.speedup_ci_high) = speedup(latencies[0], latencies[1])
         if not _precise(plan)(latencies):
@@ -193,13 +194,12 @@ def bench(models: Sequence[onnx.ModelProto | str], *, config: runtime.SessionCon
     if baseline is not None:
         result.baseline = BaselineSpeed(label=baseline[0], how=baseline[1],
                                         over_a=speedup(latencies[0], latencies[-1])[0])
-        if timed_pair:
+        if len(compared) == 2:
             b_over, _, _, low, high = speedup(latencies[-1], latencies[1])
             result.baseline.b_over, result.baseline.b_over_ci_low, result.baseline.b_over_ci_high = b_over, low, high
     if config.provider != "cpu":
         notes.append("latency includes copying inputs to the device and outputs back")
     if profile:
-        compared = models[:-1] if baseline is not None else models
         result.profile = profiling.join(_profile(compared, config, feeds, plan.profile_runs))
         if config.provider == "tensorrt":
             notes.append("profile: TensorRT runs each subgraph it takes as one engine node, which cannot be "
@@ -215,10 +215,9 @@ def int8_baseline(path: str, inputs: str | None) -> tuple[str, str, onnx.ModelPr
     from .io import load_model
     from .quantize import quantize_int8
 
-    samples = None
-    if inputs:
-        samples, _ = runtime.model_inputs(runtime.make_session(path, runtime.SessionConfig()), inputs=inputs)
-    model, how = quantize_int8(load_model(path), samples)
+    model = load_model(path)
+    samples = load_samples(inputs, graph_input_specs(model))[0] if inputs else None
+    model, how = quantize_int8(model, samples)
     return "int8 alone", how, model
 
 

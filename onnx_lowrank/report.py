@@ -151,6 +151,11 @@ class BenchResult:
     baseline: BaselineSpeed | None = None   # models[-1] when set
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def compared(self) -> list[LatencyStats]:
+        """A (and B): the timed models less the baseline."""
+        return self.models[:-1] if self.baseline is not None else self.models
+
 
 @dataclass
 class CalibrationOutcome:

@@ -163,8 +163,7 @@ def bench_table(result: BenchResult) -> str:
             f"intra-op spinning {'on' if s.get('intra_op_spinning') else 'off'})\n"
             f"{s.get('blocks')} blocks of ~{s.get('block_ms', 0):.0f} ms per model"
             + (", interleaved A B / B A" if s.get("interleaved") else ""))
-    compared = len(result.models) - (result.baseline is not None)
-    tags = ["A  ", "B  "][:compared] if len(result.models) > 1 else [""]
+    tags = ["A  ", "B  "][:len(result.compared)] if len(result.models) > 1 else [""]
     if result.baseline is not None:
         tags.append("-  ")
     rows = [[tags[i] + m.model, f"{m.median_ms:.3f} ms",
@@ -189,7 +188,7 @@ def bench_table(result: BenchResult) -> str:
 
 def profile_table(result: BenchResult, limit: int = 15) -> str:
     """Kernel time per original layer; rows beyond `limit` are summed into one."""
-    pair = len(result.models) - (result.baseline is not None) == 2
+    pair = len(result.compared) == 2
     names = ["A ms", "B ms"] if pair else ["ms"]
 
     def ms(value: float | None) -> str:
