@@ -82,14 +82,15 @@ def finish(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelProto
                                                               on_batch)
     optimized, outcome.refinement = _refine.refine(plan, original, optimized, context, report, on_batch)
     refined = outcome.refinement
-    refit, spent = None, [0.0]
+    refit, spent = None, 0.0
     if refined and refined.kept and refined.closed_form_error and refined.refined_error < refined.closed_form_error:
         def refine_again(model: onnx.ModelProto) -> onnx.ModelProto | None:
+            nonlocal spent
             # each refinement costs about what the first did: none starts that would pass the budget
-            if spent[0] + refined.seconds > REFIT_BUDGET_S:
+            if spent + refined.seconds > REFIT_BUDGET_S:
                 return None
             model, again = _refine.refine(plan, original, model, context, report, on_batch)
-            spent[0] += again.seconds if again else 0.0
+            spent += again.seconds if again else 0.0
             return model if again and again.kept else None
         refit = (refined.refined_error / refined.closed_form_error, refine_again)
     optimized, outcome.gate = _back_off.back_off(plan, original, optimized, context, entries, report, refit)

@@ -56,8 +56,8 @@ def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelPro
     path = plan.allocation.steps if allocated else _rank_rule_path(report)
     dense = set(plan.allocation.ranks) if allocated else set()
     hi, loose = len(path), 0
-    if refit is not None:
-        ratio, refine_again = refit
+    ratio, refine_again = refit if refit is not None else (1.0, None)
+    if refine_again is not None:
         loose, found = _bisect(plan, original, context, entries, reference, path, dense, 0, hi, slack=1 / ratio)
         if loose > 0:
             refined = _refined_within(found, refine_again, original, reference, context, report)
@@ -67,12 +67,12 @@ def back_off(plan: DataPlan, original: onnx.ModelProto, optimized: onnx.ModelPro
     lo, best = _bisect(plan, original, context, entries, reference, path, dense, 0, hi)
     # refinement's gain on its own held-out samples overstated it on the gate's: between the closed
     # form within the gate (lo) and the refined prefix outside it (loose), a few refined rounds more
-    kept, rounds = None, REFINED_ROUNDS if refit is not None else 0
+    kept, rounds = None, REFINED_ROUNDS if refine_again is not None else 0
     low, high = lo, loose
     while rounds and high - low > 1:
         mid, rounds = (low + high) // 2, rounds - 1
         candidate = rewrite(plan, original, context, entries, _prefix_ranks(path, mid, dense))
-        refined = _refined_within(candidate, refit[1], original, reference, context, report)
+        refined = _refined_within(candidate, refine_again, original, reference, context, report)
         if refined is not None:
             low, kept = mid, (refined, candidate[1])
         else:
