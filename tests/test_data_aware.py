@@ -184,14 +184,10 @@ def test_a_square_transposed_gemm_is_truncated_in_its_own_orientation(calib):
     assert measured == pytest.approx(record.activation_error, rel=0.1)   # a transposed read: error ~1
 
 
-@pytest.mark.parametrize("within_from", [2, 3, None])
-def test_a_refined_model_outside_the_gate_is_backed_off_by_its_gain_and_refined_again(calib, monkeypatch, within_from):
-    """Refinement halved the error (ratio 0.5), yet the refined model is outside the gate: the
-    back-off refines again the longest prefix whose closed form is within 2 x max_error (call 2);
-    if that is outside too, up to two refined prefixes between it and the closed form within the
-    gate (calls 3, 4); if none is within, the closed form within the gate is kept. The refinement
-    is a stand-in (no torch): from call `within_from` on it returns the original model, within any
-    gate, before that the model it was given, unrefined."""
+def gated_runs_with_stand_in_refinement(calib, monkeypatch, refined_model):
+    """The closed form under a gate a third of the ungated error, and the same with --refine, where
+    refinement is a stand-in (no torch): call i (1-based) returns refined_model(i, model given) and
+    an outcome that halved the error. Returns (closed form, its report, refined run, its report, calls)."""
     from onnx_lowrank.data_aware import refine as _refine
     from onnx_lowrank.report import RefineOutcome
 
@@ -201,8 +197,8 @@ def test_a_refined_model_outside_the_gate_is_backed_off_by_its_gain_and_refined_
         if not context.options.refine:
             return optimized, None
         calls.append(optimized)
-        within = within_from is not None and len(calls) >= within_from
-        return (MLP if within else optimized), RefineOutcome(kept=True, closed_form_error=1.0, refined_error=0.5)
+        model, seconds = refined_model(len(calls), optimized)
+        return model, RefineOutcome(kept=True, closed_form_error=1.0, refined_error=0.5, seconds=seconds)
 
     monkeypatch.setattr(_refine, "refine", fake_refine)
     monkeypatch.setattr(_refine, "require_torch", lambda: None)
@@ -210,6 +206,21 @@ def test_a_refined_model_outside_the_gate_is_backed_off_by_its_gain_and_refined_
     bound = held_out_error(greedy) / 3
     plain, plain_report = optimize(MLP, calibration=calib, target_flops=0.3, max_error=bound, min_top1=0)
     model, report = optimize(MLP, calibration=calib, target_flops=0.3, max_error=bound, min_top1=0, refine=True)
+    return plain, plain_report, model, report, calls
+
+
+@pytest.mark.parametrize("within_from", [2, 3, None])
+def test_a_refined_model_outside_the_gate_is_backed_off_by_its_gain_and_refined_again(calib, monkeypatch, within_from):
+    """Refinement halved the error (ratio 0.5), yet the refined model is outside the gate: the
+    back-off refines again the longest prefix whose closed form is within 2 x max_error (call 2);
+    if that is outside too, up to two refined prefixes between it and the closed form within the
+    gate (calls 3, 4); if none is within, the closed form within the gate is kept. From call
+    `within_from` on the stand-in returns the original model, within any gate, before that the
+    model it was given, unrefined."""
+    def refined_model(call, given):
+        return (MLP if within_from is not None and call >= within_from else given), 0.0
+
+    plain, plain_report, model, report, calls = gated_runs_with_stand_in_refinement(calib, monkeypatch, refined_model)
     gate, strict = report.data_aware.gate, plain_report.data_aware.gate
     # the planned model, the loosened prefix, then at most two bisection rounds
     assert not gate.within and (len(calls) == within_from if within_from else 3 <= len(calls) <= 4)
@@ -227,24 +238,9 @@ def test_refinements_of_backed_off_models_stay_within_their_time_budget(calib, m
     """A refinement that took longer than the budget is not run again after the back-off: the
     closed form within the gate is kept, and the note says why."""
     from onnx_lowrank.data_aware import REFIT_BUDGET_S
-    from onnx_lowrank.data_aware import refine as _refine
-    from onnx_lowrank.report import RefineOutcome
 
-    calls = []
-
-    def slow_refine(plan, original, optimized, context, report, on_batch=None):
-        if not context.options.refine:
-            return optimized, None
-        calls.append(optimized)
-        return optimized, RefineOutcome(kept=True, closed_form_error=1.0, refined_error=0.5,
-                                        seconds=REFIT_BUDGET_S + 1)
-
-    monkeypatch.setattr(_refine, "refine", slow_refine)
-    monkeypatch.setattr(_refine, "require_torch", lambda: None)
-    greedy, _ = optimize(MLP, calibration=calib, target_flops=0.3, validate=False)
-    bound = held_out_error(greedy) / 3
-    plain, _ = optimize(MLP, calibration=calib, target_flops=0.3, max_error=bound, min_top1=0)
-    model, report = optimize(MLP, calibration=calib, target_flops=0.3, max_error=bound, min_top1=0, refine=True)
+    plain, _, model, report, calls = gated_runs_with_stand_in_refinement(
+        calib, monkeypatch, lambda call, given: (given, REFIT_BUDGET_S + 1))
     assert len(calls) == 1 and not report.data_aware.gate.refined_again
     assert model.SerializeToString() == plain.SerializeToString()
     assert any(f"over the {REFIT_BUDGET_S:.0f} s allowed" in n for n in report.notes)
